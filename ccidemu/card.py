@@ -82,7 +82,7 @@ class BuiltinTestCard:
         self.apdu_count += 1
         if len(apdu) < 4:
             return b"\x67\x00"
-        cla, ins, p1, p2 = apdu[0], apdu[1], apdu[2], apdu[3]
+        cla, ins, p1 = apdu[0], apdu[1], apdu[2]
         body = apdu[4:]
         if cla == 0x00 and ins == 0xA4:
             if p1 != 0x04 or not body:

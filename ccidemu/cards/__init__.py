@@ -52,10 +52,12 @@ def open_card(spec: str, options: CardOptions | None = None) -> Card:
     """Build the card a ``--card SPEC`` names.  Raises ConfigError with a clear message."""
     scheme, sep, argument = spec.partition(":")
     if not sep and scheme not in _FACTORIES:
-        raise ConfigError(f"card spec {spec!r} is not SCHEME:ARGUMENT (schemes: {', '.join(schemes())})")
+        known = ", ".join(schemes())
+        raise ConfigError(f"card spec {spec!r} is not SCHEME:ARGUMENT (schemes: {known})")
     target = _FACTORIES.get(scheme)
     if target is None:
-        raise ConfigError(f"unknown card scheme {scheme!r} in {spec!r} (known: {', '.join(schemes())})")
+        known = ", ".join(schemes())
+        raise ConfigError(f"unknown card scheme {scheme!r} in {spec!r} (known: {known})")
     module_name, _, func_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
