@@ -1,0 +1,67 @@
+"""Socket addresses as users write them: ``tcp:HOST:PORT`` or ``unix:PATH``.
+
+IPv6 hosts go in brackets (``tcp:[::1]:2001``).  A bare ``HOST:PORT`` is not
+accepted: the scheme is required so that a path is never mistaken for a host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ccidemu.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TcpAddress:
+    host: str
+    port: int
+    kind: Literal["tcp"] = "tcp"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixAddress:
+    path: Path
+    kind: Literal["unix"] = "unix"
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+Address = TcpAddress | UnixAddress
+
+
+def parse_address(text: str) -> Address:
+    """Parse ``tcp:HOST:PORT`` or ``unix:PATH``; ConfigError with the reason otherwise."""
+    scheme, sep, rest = text.partition(":")
+    if not sep:
+        raise ConfigError(f"address {text!r} needs a scheme: tcp:HOST:PORT or unix:PATH")
+    if scheme == "unix":
+        if not rest:
+            raise ConfigError(f"address {text!r} has no path")
+        return UnixAddress(Path(rest))
+    if scheme != "tcp":
+        raise ConfigError(f"address {text!r}: unknown scheme {scheme!r} (use tcp: or unix:)")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ConfigError(f"address {text!r}: IPv6 host must be written [HOST]:PORT")
+        port_text = port_text[1:]
+    else:
+        host, colon, port_text = rest.rpartition(":")
+        if not colon:
+            raise ConfigError(f"address {text!r} has no port: tcp:HOST:PORT")
+    if not host:
+        raise ConfigError(f"address {text!r} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"address {text!r}: port {port} is out of range")
+    return TcpAddress(host, port)
