@@ -1,0 +1,296 @@
+"""``ccidemu decode``: turn VSCard, CCID, APDU, ATR, BER-TLV or usbmon pcap bytes into text.
+
+Input is FILE (or stdin), hex or binary (auto-detected unless ``--hex``/``--binary``).
+Hex input may contain whitespace, newlines, colons and ``#`` comments.  A decode error
+prints ``decode error: ...`` with the byte offset (and the line for per-line modes)
+after everything decoded before it, and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from ccidemu.apdu import (
+    CommandApdu,
+    describe_command,
+    describe_response,
+    parse_command,
+    parse_response,
+)
+from ccidemu.atr import describe_atr, parse_atr, qemu_accepts
+from ccidemu.ccid import CcidDataBlock, CcidIccPowerOn, CcidXfrBlock, decode_ccid, describe_ccid
+from ccidemu.errors import ConfigError, DecodeError
+from ccidemu.pcap import ccid_records
+from ccidemu.tlv import describe_tlv
+from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, decode_vsc, describe_vsc
+
+_MODES = ("auto", "vsc", "ccid", "apdu", "rapdu", "atr", "tlv", "pcap")
+_HEX_CHARS = frozenset(string.hexdigits + string.whitespace + ":")
+_PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+
+_EPILOG = """\
+modes (--as):
+  vsc    a VSCard stream (QEMU ccid-card-passthru chardev), ATR and APDU payloads decoded
+  ccid   a stream of USB CCID bulk messages; XfrBlock/DataBlock payloads as APDUs/ATRs
+  apdu   one command APDU per line      rapdu  one response APDU per line
+  atr    one ATR                        tlv    a BER-TLV tree
+  pcap   a usbmon pcap (e.g. QEMU -device usb-ccid,pcap=FILE): CCID exchanges
+  auto   (default) guess from the bytes: pcap magic, VSCard header, ATR, else APDUs
+
+example: ccidemu decode --as vsc fixtures/samples/qemu-session.hex
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "decode",
+        help="decode VSCard, CCID, APDU or ATR bytes into readable text",
+        description="Decode protocol bytes (hex or binary, from FILE or stdin) into text.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--as", dest="mode", choices=_MODES, default="auto", help="what the bytes are"
+    )
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--hex", dest="form", action="store_const", const="hex",
+                      help="input is hex text")
+    form.add_argument("--binary", dest="form", action="store_const", const="binary",
+                      help="input is raw bytes")
+    parser.add_argument(
+        "--little-endian", action="store_true",
+        help="VSCard headers are little-endian (the form inside SPICE's smartcard channel)",
+    )
+    parser.add_argument("file", metavar="FILE", nargs="?", help="input file (default: stdin)")
+    parser.set_defaults(func=run, form=None)
+
+
+# --- input -------------------------------------------------------------------------------
+
+
+def _read_input(name: str | None) -> bytes:
+    if name is None or name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _strip_comment(line: str) -> str:
+    return line.split("#", 1)[0]
+
+
+def _looks_like_hex(raw: bytes) -> bool:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    body = "".join(_strip_comment(line) for line in text.splitlines())
+    return any(c in string.hexdigits for c in body) and all(c in _HEX_CHARS for c in body)
+
+
+def _hex_lines(raw: bytes) -> list[tuple[int, bytes]]:
+    """(line number, bytes) for each non-empty line of hex text."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("hex input is not text") from None
+    out: list[tuple[int, bytes]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        digits = "".join(_strip_comment(line).replace(":", " ").split())
+        if not digits:
+            continue
+        try:
+            out.append((number, bytes.fromhex(digits)))
+        except ValueError:
+            bad = next((c for c in digits if c not in string.hexdigits), None)
+            what = f"character {bad!r}" if bad else f"odd number of hex digits ({len(digits)})"
+            raise DecodeError(f"line {number}: not hex: {what}") from None
+    return out
+
+
+# --- per-mode decoders -------------------------------------------------------------------
+
+Out = Callable[[str], None]
+
+
+def _apdu_lines(label: str, data: bytes, *, response: bool) -> list[str]:
+    """Decoding of a command or response APDU, indented; the error text if it does not parse."""
+    try:
+        if response:
+            return [f"    {label}: {describe_response(parse_response(data))}"]
+        return [f"    {label}: {describe_command(parse_command(data))}"]
+    except DecodeError as exc:
+        return [f"    {label}: not a valid APDU: {exc}"]
+
+
+def _atr_lines(data: bytes) -> list[str]:
+    try:
+        return ["    " + line for line in describe_atr(parse_atr(data)).splitlines()]
+    except DecodeError as exc:
+        verdict = qemu_accepts(data)
+        return [
+            f"    ATR does not follow ISO/IEC 7816-3: {exc}",
+            "    QEMU ccid-card-passthru: " + ("accepts" if verdict is None else verdict),
+        ]
+
+
+def _decode_vsc(data: bytes, out: Out, byteorder: Literal["big", "little"]) -> int:
+    pos = 0
+    count = 0
+    expect_response = False
+    while pos < len(data):
+        try:
+            msg, used = decode_vsc(data[pos:], byteorder)
+        except DecodeError as exc:
+            raise DecodeError(f"VSCard message #{count + 1}: {exc}", offset=pos) from None
+        count += 1
+        out(f"#{count} @{pos}: {describe_vsc(msg, max_hex=None)}")
+        if isinstance(msg, VscAtr):
+            expect_response = False
+            for line in _atr_lines(msg.atr):
+                out(line)
+        elif isinstance(msg, VscApdu):
+            # Commands go QEMU -> card, responses back: they alternate on one reader.
+            is_response = expect_response or len(msg.data) < 4
+            label = "response" if is_response else "command"
+            for line in _apdu_lines(label, msg.data, response=is_response):
+                out(line)
+            expect_response = not is_response
+        elif isinstance(msg, VscCardRemove):
+            expect_response = False
+        pos += used
+    out(f"{count} VSCard messages, {len(data)} bytes")
+    return 0
+
+
+def _decode_ccid(data: bytes, out: Out) -> int:
+    pos = 0
+    count = 0
+    last_command: dict[int, object] = {}
+    while pos < len(data):
+        try:
+            msg, used = decode_ccid(data[pos:])
+        except DecodeError as exc:
+            raise DecodeError(f"CCID message #{count + 1}: {exc}", offset=pos) from None
+        count += 1
+        out(f"#{count} @{pos}: {describe_ccid(msg)}")
+        _ccid_payload(msg, last_command, out)
+        pos += used
+    out(f"{count} CCID messages, {len(data)} bytes")
+    return 0
+
+
+def _ccid_payload(msg: object, last_command: dict[int, object], out: Out) -> None:
+    """APDU/ATR decoding of an XfrBlock or DataBlock (DataBlock after IccPowerOn = ATR)."""
+    if isinstance(msg, CcidXfrBlock | CcidIccPowerOn):
+        last_command[msg.slot] = msg
+    if isinstance(msg, CcidXfrBlock) and msg.data:
+        for line in _apdu_lines("command", msg.data, response=False):
+            out(line)
+    elif isinstance(msg, CcidDataBlock) and msg.data:
+        if isinstance(last_command.get(msg.slot), CcidIccPowerOn):
+            for line in _atr_lines(msg.data):
+                out(line)
+        else:
+            for line in _apdu_lines("response", msg.data, response=True):
+                out(line)
+
+
+def _decode_pcap(data: bytes, out: Out) -> int:
+    records = ccid_records(data)
+    last_command: dict[int, object] = {}
+    for number, record in enumerate(records, start=1):
+        cut = " [truncated by the capture]" if record.truncated else ""
+        out(f"#{number} t={record.timestamp:.6f} {describe_ccid(record.message)}{cut}")
+        _ccid_payload(record.message, last_command, out)
+    out(f"{len(records)} CCID messages")
+    return 0
+
+
+def _decode_per_line(
+    lines: list[tuple[int, bytes]], out: Out, *, response: bool
+) -> int:
+    for number, chunk in lines:
+        try:
+            if response:
+                text = describe_response(parse_response(chunk))
+            else:
+                cmd: CommandApdu = parse_command(chunk)
+                text = describe_command(cmd)
+        except DecodeError as exc:
+            raise DecodeError(f"line {number}: {exc}") from None
+        out(f"{chunk.hex().upper()}\n    {text}")
+    return 0
+
+
+def _guess_mode(data: bytes) -> str:
+    if data[:4] in _PCAP_MAGICS:
+        return "pcap"
+    if len(data) >= 12:
+        for order in ("big", "little"):
+            if 1 <= int.from_bytes(data[:4], order) <= 9:
+                return "vsc"
+    if data[:1] in (b"\x3b", b"\x3f"):
+        try:
+            parse_atr(data)
+            return "atr"
+        except DecodeError:
+            pass
+    return "apdu"
+
+
+def run(args: argparse.Namespace) -> int:
+    raw = _read_input(args.file)
+
+    def out(text: str) -> None:
+        print(text)
+
+    try:
+        return _run(args, raw, out)
+    except DecodeError as exc:
+        sys.stdout.flush()
+        print(f"decode error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, raw: bytes, out: Out) -> int:
+    mode: str = args.mode
+    form: str | None = args.form
+    if mode == "pcap" or (mode == "auto" and form != "hex" and raw[:4] in _PCAP_MAGICS):
+        return _decode_pcap(raw, out)
+    if form is None:
+        form = "hex" if _looks_like_hex(raw) else "binary"
+    if form == "hex":
+        lines = _hex_lines(raw)
+        data = b"".join(chunk for _, chunk in lines)
+    else:
+        data = raw
+        lines = [(1, raw)] if raw else []
+    if not data:
+        raise DecodeError("no input bytes")
+    if mode == "auto":
+        mode = _guess_mode(data)
+        out(f"(decoding as {mode}; use --as to choose)")
+    byteorder: Literal["big", "little"] = "little" if args.little_endian else "big"
+    if mode == "vsc":
+        return _decode_vsc(data, out, byteorder)
+    if mode == "ccid":
+        return _decode_ccid(data, out)
+    if mode == "pcap":
+        return _decode_pcap(data, out)
+    if mode in ("apdu", "rapdu"):
+        return _decode_per_line(lines, out, response=mode == "rapdu")
+    if mode == "atr":
+        out(describe_atr(parse_atr(data)))
+        return 0
+    if mode == "tlv":
+        out(describe_tlv(data))
+        return 0
+    raise ConfigError(f"unknown mode {mode!r}")  # argparse choices make this unreachable
