@@ -1,0 +1,78 @@
+"""``ccidemu fake-qemu``: play QEMU's side of ccid-card-passthru against a card-side peer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ccidemu.errors import CardError, ConfigError
+from vmc.addr import parse_address
+from vmc.fakeqemu import FakeQemu
+
+
+def _hex(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text.replace(":", "").replace(" ", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not hex: {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "fake-qemu",
+        help="play QEMU's side of ccid-card-passthru for tests",
+        description="Play QEMU 7.2's side of the VSCard chardev (ccid-card-passthru) and its "
+        "usb-ccid slot: do the Init handshake, wait for the card's ATR, power the slot on "
+        "and send each --apdu through the CCID XfrBlock path, printing the responses.",
+        epilog="examples:\n"
+        "  ccidemu fake-qemu --connect unix:/tmp/vsc.sock --apdu 00A4040008F0636369646D7501\n"
+        "  ccidemu fake-qemu --listen tcp:127.0.0.1:2001 --timeout 30",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--connect", metavar="ADDR",
+        help="QEMU as chardev client: connect to a card side that listens "
+        "(unix:PATH or tcp:HOST:PORT)",
+    )
+    where.add_argument(
+        "--listen", metavar="ADDR",
+        help="QEMU as chardev server (server=on): wait for the card side to connect",
+    )
+    parser.add_argument(
+        "--apdu", metavar="HEX", type=_hex, action="append", default=[],
+        help="a command APDU to send once the card is in (repeatable, in order)",
+    )
+    parser.add_argument(
+        "--timeout", metavar="S", type=float, default=10.0,
+        help="seconds to wait for the connection, the card and each answer (default 10)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    timeout: float = args.timeout
+    if args.connect:
+        qemu = FakeQemu.connect(parse_address(args.connect), timeout=timeout)
+    else:
+        with FakeQemu.listen(parse_address(args.listen)) as listener:
+            print(f"listening on {listener.address}", file=sys.stderr)
+            qemu = listener.accept(timeout)
+    with qemu:
+        try:
+            atr = qemu.wait_card(timeout=timeout)
+        except TimeoutError as exc:
+            raise ConfigError(f"no card: {exc}") from None
+        print(f"ATR: {atr.hex().upper()}")
+        qemu.power_on(timeout=timeout)
+        status = 0
+        for apdu in args.apdu:
+            try:
+                response = qemu.transmit(apdu, timeout=timeout)
+            except (CardError, TimeoutError) as exc:
+                print(f"> {apdu.hex().upper()}\n< error: {exc}")
+                status = 1
+                continue
+            sw = response[-2:].hex().upper() if len(response) >= 2 else "----"
+            print(f"> {apdu.hex().upper()}\n< {response[:-2].hex().upper()} SW={sw}")
+    return status
