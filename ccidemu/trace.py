@@ -1,0 +1,234 @@
+"""APDU trace records (JSON Lines) and the redaction of secrets in them.
+
+Pure: no files are opened here except by :func:`read_trace` when given a path; the daemon
+(``ccidemu serve --trace FILE``) writes the lines this module formats.
+
+Record format, one JSON object per line (UTF-8, ``\\n``-terminated)::
+
+    {"time": "2024-05-01T12:00:00.123456Z",  # ISO-8601 UTC (readers also accept epoch seconds)
+     "session": 1,                           # daemon session id
+     "reader": 0,                            # reader index in the session (order of --card)
+     "command": "00a4040007a0000000031010",  # command APDU, hex
+     "response": "9000",                     # response APDU (data + SW1 SW2), hex; "" if none
+     "duration": 0.000123,                   # seconds from command received to response sent
+     "redacted": true,                       # optional: command data removed (see below)
+     "error": "card error: ..."}             # optional: the card could not answer
+
+Redaction (ISO/IEC 7816-4:2013 sections 11.5.6, 11.5.7, 11.5.10): the data field of VERIFY
+(INS 20), CHANGE REFERENCE DATA (INS 24) and RESET RETRY COUNTER (INS 2C) carries PINs and
+PUKs.  Unless secrets are asked for, such a command is cut to its header and Lc field
+(ISO/IEC 7816-3:2006 section 12.1.3) and the record gets ``"redacted": true``.  A command with
+no data field (a VERIFY asking for the retry counter) is kept whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ccidemu.errors import ConfigError
+
+__all__ = [
+    "SECRET_INS",
+    "TRAFFIC",
+    "TraceRecord",
+    "describe_exchange",
+    "format_record",
+    "is_secret_command",
+    "parse_record",
+    "read_trace",
+    "redact_command",
+]
+
+#: Log level below DEBUG for raw frame dumps (``-vvv``); same value as ``vmc.cli.TRAFFIC``.
+TRAFFIC = 5
+
+#: Instructions whose command data field holds secrets: VERIFY, CHANGE REFERENCE DATA,
+#: RESET RETRY COUNTER (ISO/IEC 7816-4:2013 table 4).
+SECRET_INS = frozenset({0x20, 0x24, 0x2C})
+
+
+def is_secret_command(command: bytes) -> bool:
+    """True when ``command`` is an instruction whose data field is a secret."""
+    return len(command) >= 4 and command[1] in SECRET_INS and command[0] != 0xFF
+
+
+def redact_command(command: bytes) -> tuple[bytes, bool]:
+    """``(command, redacted)``: secrets cut down to header + Lc, anything else unchanged.
+
+    Short Lc is one byte after the header; an extended Lc is ``00`` plus two bytes
+    (ISO/IEC 7816-3:2006 section 12.1.3).  Commands without a data field are kept.
+    """
+    if not is_secret_command(command) or len(command) <= 5:
+        return command, False
+    if command[4] == 0 and len(command) > 7:
+        return command[:7], True
+    return command[:5], True
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    """One APDU exchange as stored in a trace file."""
+
+    time: float  # epoch seconds, UTC
+    session: int
+    reader: int
+    command: bytes
+    response: bytes
+    duration: float
+    redacted: bool = False
+    error: str | None = None
+
+
+def _iso_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def format_record(record: TraceRecord, *, secrets: bool = False) -> str:
+    """The JSON line (without the newline) for ``record``; redacts unless ``secrets``."""
+    command, redacted = (record.command, False) if secrets else redact_command(record.command)
+    obj: dict[str, Any] = {
+        "time": _iso_time(record.time),
+        "session": record.session,
+        "reader": record.reader,
+        "command": command.hex(),
+        "response": record.response.hex(),
+        "duration": round(record.duration, 6),
+    }
+    if redacted or record.redacted:
+        obj["redacted"] = True
+    if record.error is not None:
+        obj["error"] = record.error
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _bad(where: str, reason: str) -> ConfigError:
+    return ConfigError(f"{where}: {reason}")
+
+
+def _parse_time(value: object, where: str) -> float:
+    if isinstance(value, bool):
+        raise _bad(where, "'time' must be an ISO-8601 string or epoch seconds")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise _bad(where, "'time' is not a finite number")
+        return float(value)
+    if isinstance(value, str):
+        text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+        try:
+            stamp = datetime.fromisoformat(text)
+        except ValueError:
+            raise _bad(where, f"'time' {value!r} is not ISO-8601") from None
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        try:
+            return stamp.timestamp()
+        except (OverflowError, ValueError):
+            raise _bad(where, f"'time' {value!r} is out of range") from None
+    raise _bad(where, "'time' must be an ISO-8601 string or epoch seconds")
+
+
+def _parse_hex(obj: dict[str, Any], key: str, where: str) -> bytes:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise _bad(where, f"{key!r} must be a hex string")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise _bad(where, f"{key!r} is not valid hex") from None
+
+
+def _parse_int(obj: dict[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(where, f"{key!r} must be a non-negative integer")
+    return value
+
+
+def parse_record(line: str, where: str = "trace") -> TraceRecord:
+    """One trace line -> TraceRecord.  ConfigError naming ``where`` (e.g. ``file:12``)."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(where, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _bad(where, "a trace line must be a JSON object")
+    if "time" not in obj:
+        raise _bad(where, "missing 'time'")
+    time = _parse_time(obj["time"], where)
+    duration = obj.get("duration", 0.0)
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not (
+        math.isfinite(duration) and duration >= 0
+    ):
+        raise _bad(where, "'duration' must be a non-negative number of seconds")
+    redacted = obj.get("redacted", False)
+    if not isinstance(redacted, bool):
+        raise _bad(where, "'redacted' must be true or false")
+    error = obj.get("error")
+    if error is not None and not isinstance(error, str):
+        raise _bad(where, "'error' must be a string")
+    return TraceRecord(
+        time=time,
+        session=_parse_int(obj, "session", where),
+        reader=_parse_int(obj, "reader", where),
+        command=_parse_hex(obj, "command", where),
+        response=_parse_hex(obj, "response", where),
+        duration=float(duration),
+        redacted=redacted,
+        error=error,
+    )
+
+
+def read_trace(source: str | Path | Iterable[str]) -> Iterator[TraceRecord]:
+    """Records of a trace file (a path) or of lines; blank lines are skipped.
+
+    Raises ConfigError with ``NAME:LINE`` for the first malformed line.
+    """
+    if isinstance(source, str | Path):
+        path = Path(source)
+        try:
+            with path.open(encoding="utf-8") as f:
+                yield from _read_lines(f, str(path))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read trace {path}: {exc}") from None
+    else:
+        yield from _read_lines(source, "trace")
+
+
+def _read_lines(lines: Iterable[str], name: str) -> Iterator[TraceRecord]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            yield parse_record(line, f"{name}:{number}")
+
+
+def describe_exchange(command: bytes, response: bytes, *, secrets: bool = False) -> str:
+    """One log line for an APDU exchange: INS name, command (redacted), SW meaning."""
+    from ccidemu.apdu import ins_name
+    from ccidemu.sw import sw_meaning
+
+    shown, redacted = (command, False) if secrets else redact_command(command)
+    if len(command) < 2:
+        ins = "short command"
+    elif command[0] & 0x80 and command[0] != 0xFF:  # proprietary class: INS codes are its own
+        ins = f"proprietary INS {command[1]:02X}"
+    else:
+        ins = ins_name(command[1])
+    text = f"{ins}: {shown.hex().upper()}{' [data redacted]' if redacted else ''} -> "
+    if len(response) >= 2:
+        sw = int.from_bytes(response[-2:], "big")
+        data = response[:-2]
+        text += f"{sw:04X} ({sw_meaning(sw)})"
+        if data:
+            text += f" +{len(data)} bytes {data[:32].hex().upper()}"
+            if len(data) > 32:
+                text += "..."
+    else:
+        text += f"bad response {response.hex().upper()!r}"
+    return text

@@ -1,0 +1,75 @@
+"""The control socket protocol helpers (vmc.control) and the ctl table format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmc.addr import TcpAddress, UnixAddress
+from vmc.commands.ctl import format_sessions
+from vmc.control import (
+    ControlError,
+    control_request,
+    decode_line,
+    default_control_address,
+    encode_line,
+    parse_control_option,
+)
+
+
+def test_default_address_prefers_xdg_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_control_address() == UnixAddress(Path("/run/user/1000/ccidemu/control.sock"))
+
+
+@pytest.mark.parametrize(
+    ("uid", "expected"),
+    [(0, "/run/ccidemu/control.sock"), (1234, "/tmp/ccidemu-1234/control.sock")],
+)
+def test_default_address_without_xdg(
+    monkeypatch: pytest.MonkeyPatch, uid: int, expected: str
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr("os.getuid", lambda: uid)
+    assert default_control_address() == UnixAddress(Path(expected))
+
+
+def test_parse_control_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/r")
+    assert parse_control_option(None) == UnixAddress(Path("/r/ccidemu/control.sock"))
+    assert parse_control_option("none") is None
+    assert parse_control_option("tcp:127.0.0.1:7000") == TcpAddress("127.0.0.1", 7000)
+
+
+def test_line_codec() -> None:
+    assert encode_line({"cmd": "list"}) == b'{"cmd":"list"}\n'
+    assert decode_line(b'{"ok":true,"result":[]}\n') == {"ok": True, "result": []}
+    for bad in (b"[1]", b"nope", b"\xff\xfe"):
+        with pytest.raises(ValueError):
+            decode_line(bad)
+
+
+def test_unreachable_daemon_is_a_clear_control_error(tmp_path: Path) -> None:
+    with pytest.raises(ControlError, match="is 'ccidemu serve' running"):
+        control_request(UnixAddress(tmp_path / "absent.sock"), {"cmd": "list"})
+
+
+def test_format_sessions_table() -> None:
+    text = format_sessions([
+        {"session": 1, "mode": "connect", "address": "tcp:127.0.0.1:2001", "peer": None,
+         "connected": False,
+         "readers": [{"reader": 0, "reader_id": None, "card": "PIV (demo)", "present": True,
+                      "apdus": 0}]},
+        {"session": 2, "mode": "listen", "address": "unix:/run/vm.sock", "peer": "local",
+         "connected": True,
+         "readers": [{"reader": 0, "reader_id": 0, "card": "built-in test card",
+                      "present": False, "apdus": 7}]},
+    ])
+    lines = text.splitlines()
+    assert lines[0].split() == [
+        "SESSION", "MODE", "ADDRESS", "PEER", "READER", "ID", "CARD", "PRESENT", "APDUS"
+    ]
+    assert lines[1].split()[:6] == ["1", "connect", "tcp:127.0.0.1:2001", "(offline)", "0", "-"]
+    assert lines[2].split()[-2:] == ["no", "7"]
+    assert format_sessions([]) == "no sessions"

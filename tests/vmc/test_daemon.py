@@ -1,0 +1,496 @@
+"""The ``ccidemu serve`` daemon (vmc.daemon) driven by the fake QEMU (vmc.fakeqemu).
+
+The daemon runs in-process on its own event loop thread (:class:`RunningDaemon`), except for
+the signal test, which runs the real console script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from ccidemu.card import BuiltinTestCard
+from ccidemu.cards import CardOptions, register
+from ccidemu.errors import CardError, ConfigError
+from ccidemu.trace import read_trace
+from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, VscReaderRemove
+from vmc.addr import Address, TcpAddress, UnixAddress
+from vmc.control import ControlError, control_request
+from vmc.daemon import Daemon, ServeConfig
+from vmc.fakeqemu import FakeQemu
+
+H = bytes.fromhex
+TEST_ATR = BuiltinTestCard.ATR
+
+
+class FlakyCard(BuiltinTestCard):
+    """``flaky:`` test card: INS EE raises CardError, INS EF raises RuntimeError."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if apdu[1:2] == b"\xee":
+            raise CardError("the card fell out")
+        if apdu[1:2] == b"\xef":
+            raise RuntimeError("bug in a card")
+        return super().transmit(apdu)
+
+
+class BlockingCard(BuiltinTestCard):
+    """``slow:``: a card that says it blocks (runs in the thread pool) and sleeps a little."""
+
+    blocking: ClassVar[bool] = True
+
+    def transmit(self, apdu: bytes) -> bytes:
+        time.sleep(0.01)
+        return super().transmit(apdu)
+
+
+def open_flaky(argument: str, options: CardOptions) -> FlakyCard:
+    return FlakyCard(argument)
+
+
+def open_slow(argument: str, options: CardOptions) -> BlockingCard:
+    return BlockingCard(argument)
+
+
+register("flaky", f"{__name__}:open_flaky")
+register("slow", f"{__name__}:open_slow")
+
+
+class RunningDaemon:
+    """A Daemon on an event loop in a background thread."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.daemon = Daemon(config)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        if not self._started.wait(10):
+            raise TimeoutError("daemon did not start")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        async def main() -> None:
+            try:
+                await self.daemon.start()
+            except BaseException as exc:
+                self._error = exc
+                self._started.set()
+                return
+            self._started.set()
+            await self.daemon.run()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def call(self, func: Any, *args: Any) -> Any:
+        """Run ``func(*args)`` on the daemon's loop; its result."""
+        async def run() -> Any:
+            return func(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.daemon.request_stop)
+            self._thread.join(10)
+            assert not self._thread.is_alive(), "daemon did not stop"
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Iterator[Path]:
+    # unix socket paths are limited to ~107 bytes; pytest's tmp_path can be long
+    short = Path(f"/tmp/ccd-{os.getpid()}-{tmp_path.name[-12:]}")
+    short.mkdir(exist_ok=True)
+    yield short
+    for p in short.iterdir():
+        p.unlink()
+    short.rmdir()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def serve(**kw: Any) -> RunningDaemon:
+    kw.setdefault("cards", ["test:"])
+    return RunningDaemon(ServeConfig(**kw))
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[RunningDaemon]]:
+    running: list[RunningDaemon] = []
+    yield running
+    for d in running:
+        d.stop()
+
+
+def echo(fake: FakeQemu, payload: bytes, reader_id: int = 0) -> None:
+    assert fake.transmit(H("80e00000") + bytes([len(payload)]) + payload, reader_id) == (
+        payload + H("9000")
+    )
+
+
+# --------------------------------------------------------------------------- --listen
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_listen_mode_serves_a_card(
+    kind: str, tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr: Address = (
+        UnixAddress(tmp / "vm.sock") if kind == "unix" else TcpAddress("127.0.0.1", free_port())
+    )
+    d = serve(listen=[addr])
+    daemons.append(d)
+    if isinstance(addr, UnixAddress):
+        assert stat.S_IMODE(addr.path.stat().st_mode) == 0o600
+    with FakeQemu.connect(addr) as fake:
+        assert fake.wait_card() == TEST_ATR
+        echo(fake, b"hello")
+        assert fake.transmit(H("00a4040008") + BuiltinTestCard.AID) == H("9000")
+    d.stop()
+    if isinstance(addr, UnixAddress):
+        assert not addr.path.exists()  # removed at exit
+
+
+def test_stale_socket_file_is_replaced_and_regular_file_refused(tmp: Path) -> None:
+    path = tmp / "vm.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # a socket file nobody listens on
+    d = serve(listen=[UnixAddress(path)])
+    try:
+        with FakeQemu.connect(UnixAddress(path)) as fake:
+            fake.wait_card()
+    finally:
+        d.stop()
+    path.write_text("not a socket")
+    with pytest.raises(ConfigError, match="not a socket"):
+        serve(listen=[UnixAddress(path)])
+
+
+def test_each_listen_connection_is_a_new_session_with_a_fresh_card(
+    tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    daemons.append(serve(listen=[addr]))
+    count = H("80e4000004")
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        fake.transmit(count)
+        assert fake.transmit(count) == H("00000002 9000")
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        assert fake.transmit(count) == H("00000001 9000")
+
+
+def test_several_sessions_routed_correctly(tmp: Path, daemons: list[RunningDaemon]) -> None:
+    a, b = UnixAddress(tmp / "a.sock"), UnixAddress(tmp / "b.sock")
+    daemons.append(serve(listen=[a, b]))
+    fakes = [FakeQemu.connect(x) for x in (a, b, a, b, a)]
+    try:
+        for f in fakes:
+            f.wait_card()
+        errors: list[BaseException] = []
+
+        def worker(n: int, fake: FakeQemu) -> None:
+            try:
+                for i in range(30):
+                    echo(fake, bytes([n, i]) * 5)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(n, f)) for n, f in enumerate(fakes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+    finally:
+        for f in fakes:
+            f.close()
+
+
+def test_multi_reader_host_gets_one_reader_per_card(
+    tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    daemons.append(serve(listen=[addr], cards=["test:one", "test:two"]))
+    with FakeQemu.connect(addr, multi_reader=True) as fake:
+        assert fake.wait_readers(2) == [0, 1]
+        fake.wait_card(0)
+        fake.wait_card(1)
+        fake.transmit(H("80e4000004"), 1)
+        assert fake.transmit(H("80e4000004"), 1) == H("00000002 9000")
+        assert fake.transmit(H("80e4000004"), 0) == H("00000001 9000")  # its own card
+
+
+def test_qemu_single_reader_refuses_second_first_still_works(
+    tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    daemons.append(serve(listen=[addr], cards=["test:", "test:"]))
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        echo(fake, b"x")
+
+
+# --------------------------------------------------------------------------- --connect
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_connect_retries_until_qemu_appears_and_after_restart(
+    kind: str, tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr: Address = (
+        UnixAddress(tmp / "qemu.sock") if kind == "unix" else TcpAddress("127.0.0.1", free_port())
+    )
+    daemons.append(serve(connect=[addr]))
+    time.sleep(0.5)  # the daemon is retrying by now
+    count = H("80e4000004")
+    with FakeQemu.listen(addr) as listener:
+        fake = listener.accept(timeout=5)
+        assert fake.wait_card() == TEST_ATR
+        fake.transmit(count)
+        fake.close()
+    # QEMU restarts: a new server on the same address, the daemon reconnects by itself
+    with FakeQemu.listen(addr) as listener:
+        fake = listener.accept(timeout=5)
+        with fake:
+            assert fake.wait_card() == TEST_ATR
+            # the same VM: the same card instance, its state kept (2nd APDU it ever saw)
+            assert fake.transmit(count) == H("00000002 9000")
+
+
+# --------------------------------------------------------------------------- cards failing
+
+
+def test_card_errors_answer_general_error_and_keep_serving(
+    tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    d = serve(listen=[addr], cards=["flaky:"])
+    daemons.append(d)
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        with pytest.raises(CardError):
+            fake.transmit(H("80ee0000"))
+        with pytest.raises(CardError):
+            fake.transmit(H("80ef0000"))
+        echo(fake, b"still here")
+    assert d.call(d.daemon.handle_request, {"cmd": "stats"})["errors"] >= 2
+
+
+def test_blocking_card_runs_in_thread_pool(tmp: Path, daemons: list[RunningDaemon]) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    daemons.append(serve(listen=[addr], cards=["slow:"]))
+    fakes = [FakeQemu.connect(addr) for _ in range(4)]
+    try:
+        for f in fakes:
+            f.wait_card()
+        start = time.monotonic()
+        def work(fake: FakeQemu) -> None:
+            for i in range(1, 6):
+                echo(fake, b"z" * i)
+
+        threads = [threading.Thread(target=work, args=(f,)) for f in fakes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # 20 APDUs of 10 ms each: in parallel across sessions, well under the serial 0.2 s
+        assert time.monotonic() - start < 0.19 * 4
+    finally:
+        for f in fakes:
+            f.close()
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+def test_garbage_peer_does_not_disturb_another_session(
+    tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    daemons.append(serve(listen=[addr]))
+    with FakeQemu.connect(addr) as good:
+        good.wait_card()
+        bad = socket.socket(socket.AF_UNIX)
+        bad.connect(str(addr.path))
+        bad.settimeout(5)
+        # a header claiming a 2 GiB payload: the daemon must close this session only
+        bad.sendall(struct.pack(">III", 7, 0, 0x7FFFFFFF))
+        data = b""
+        while chunk := bad.recv(4096):
+            data += chunk
+        bad.close()
+        assert data.startswith(H("00000001 00000000 0000000c 56534344"))  # our Init, then EOF
+        echo(good, b"unaffected")
+
+
+# --------------------------------------------------------------------------- control socket
+
+
+def test_control_list_stats_remove_insert(tmp: Path, daemons: list[RunningDaemon]) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    ctl = UnixAddress(tmp / "ctl.sock")
+    daemons.append(serve(listen=[addr], control=ctl))
+    assert stat.S_IMODE(ctl.path.stat().st_mode) == 0o600
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        echo(fake, b"1")
+        (session,) = control_request(ctl, {"cmd": "list"})
+        assert session["mode"] == "listen" and session["address"] == str(addr)
+        assert session["connected"] and session["handshake"]
+        (reader,) = session["readers"]
+        assert reader["reader"] == 0 and reader["reader_id"] == 0
+        assert reader["present"] and reader["apdus"] == 1
+        assert reader["card"] == "built-in test card"
+        sid = session["session"]
+
+        stats = control_request(ctl, {"cmd": "stats"})
+        assert stats["sessions"] == 1 and stats["apdus"] == 1 and stats["bytes_in"] > 0
+        assert stats["uptime"] >= 0
+
+        after = control_request(ctl, {"cmd": "remove", "session": sid, "reader": 0})
+        assert after["readers"][0]["present"] is False
+        fake.wait_removed()
+        with pytest.raises(CardError):
+            fake.transmit(H("80e4000004"))  # no card: the guest's transmit fails
+        with pytest.raises(ControlError, match="no card"):
+            control_request(ctl, {"cmd": "remove", "session": sid})
+
+        after = control_request(ctl, {"cmd": "insert", "session": sid, "card": "test:other"})
+        assert after["readers"][0]["card"] == "built-in test card (other)"
+        fake.wait_card()
+        fake.power_on()
+        echo(fake, b"2")
+        with pytest.raises(ControlError, match="already has a card"):
+            control_request(ctl, {"cmd": "insert", "session": sid})
+        with pytest.raises(ControlError, match="no session"):
+            control_request(ctl, {"cmd": "insert", "session": 999})
+        with pytest.raises(ControlError, match="unknown command"):
+            control_request(ctl, {"cmd": "explode"})
+
+
+def test_ctl_command_line(tmp: Path, daemons: list[RunningDaemon]) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    ctl = UnixAddress(tmp / "ctl.sock")
+    daemons.append(serve(listen=[addr], control=ctl))
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+
+        def ctl_run(*args: str) -> str:
+            out = subprocess.run(
+                [sys.executable, "-m", "vmc", "ctl", "--control", str(ctl), *args],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        table = ctl_run("list")
+        assert "SESSION" in table and str(addr) in table and "built-in test card" in table
+        listed = json.loads(ctl_run("--json", "list"))
+        sid = listed[0]["session"]
+        assert json.loads(ctl_run("--json", "remove", str(sid), "0"))["readers"][0][
+            "present"
+        ] is False
+        fake.wait_removed()
+        ctl_run("insert", str(sid))
+        fake.wait_card()
+        assert "apdus" in ctl_run("stats")
+
+
+# --------------------------------------------------------------------------- trace
+
+
+@pytest.mark.parametrize("secrets", [False, True])
+def test_trace_file_records_and_redaction(
+    secrets: bool, tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    trace = tmp / "trace.jsonl"
+    d = serve(listen=[addr], trace=trace, trace_secrets=secrets)
+    daemons.append(d)
+    verify = H("0020008008 3132333435363738")
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        echo(fake, b"abc")
+        fake.transmit(verify)
+    d.stop()
+    records = list(read_trace(trace))
+    assert [r.command for r in records] == [
+        H("80e0000003616263"), verify if secrets else verify[:5]
+    ]
+    assert records[0].response == b"abc" + H("9000")
+    assert records[1].response == H("6e00")
+    assert records[1].redacted is (not secrets)
+    assert all(r.session == records[0].session and r.reader == 0 for r in records)
+    assert all(0 <= r.duration < 1 and abs(r.time - time.time()) < 60 for r in records)
+    assert ("3132333435363738" in trace.read_text()) is secrets
+
+
+# --------------------------------------------------------------------------- the real CLI
+
+
+def test_sigterm_removes_cards_and_readers_then_exits_0(tmp: Path) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmc", "serve", "--listen", str(addr), "--card", "test:",
+         "--control", "none"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not addr.path.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.05)
+        with FakeQemu.connect(addr) as fake:
+            fake.wait_card()
+            echo(fake, b"before")
+            proc.send_signal(signal.SIGTERM)
+            fake.wait_closed(timeout=10)
+            tail = [m for m in fake.received if not isinstance(m, VscApdu)][-2:]
+            assert [type(m) for m in tail] == [VscCardRemove, VscReaderRemove]
+        assert proc.wait(10) == 0
+        log = proc.stderr.read() if proc.stderr else ""
+        assert f"listening on {addr}" in log
+        assert "handshake done" in log and "added with id 0" in log
+        assert not addr.path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_atr_sent_after_reader_added(tmp: Path, daemons: list[RunningDaemon]) -> None:
+    addr = UnixAddress(tmp / "vm.sock")
+    daemons.append(serve(listen=[addr]))
+    with FakeQemu.connect(addr) as fake:
+        fake.wait_card()
+        names = [type(m).__name__ for m in fake.received]
+        assert names[:3] == ["VscInit", "VscReaderAdd", "VscAtr"]
+        assert isinstance(fake.received[2], VscAtr)

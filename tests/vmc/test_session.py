@@ -1,0 +1,475 @@
+"""The sans-I/O VSCard session engine (vmc.session) against PROTOCOL-NOTES section 1.
+
+Wire bytes are written out by hand from the byte-for-byte QEMU 7.2 trace in PROTOCOL-NOTES
+(vscard_common.h: big-endian u32 type, reader_id, length, then the payload).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ccidemu.card import BuiltinTestCard
+from ccidemu.vsc import VscErrorCode
+from vmc.session import (
+    ApduDone,
+    Closed,
+    PowerOff,
+    PowerOn,
+    ReaderState,
+    SessionAction,
+    Transmit,
+    VscSession,
+)
+
+H = bytes.fromhex
+
+# PROTOCOL-NOTES section 1, "What QEMU 7.2 does", line by line.
+QEMU_INIT = H("00000001 ffffffff 0000000c 56534344 00000002 00000000")
+OUR_INIT = H("00000001 00000000 0000000c 56534344 00000002 00000000")
+READER_ADD = H("00000003 00000000 0000000f 7673632d746573742d726561646572")  # "vsc-test-reader"
+ERROR_OK = H("00000002 00000000 00000004 00000000")
+TRACE_ATR = H("3b8f8001804f0ca000000306030001000000006a")
+ATR_MSG = H("00000005 00000000 00000014") + TRACE_ATR
+GUEST_APDU = H("00000007 00000000 0000000c 00a4040007a0000000031010")
+OUR_RESPONSE = H("00000007 00000000 00000002 9000")
+
+
+def frame(type_: int, reader_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">III", type_, reader_id, len(payload)) + payload
+
+
+def error(reader_id: int, code: int = 0) -> bytes:
+    return frame(2, reader_id, struct.pack(">I", code))
+
+
+def apdu(reader_id: int, data: bytes) -> bytes:
+    return frame(7, reader_id, data)
+
+
+def actions(session: VscSession) -> list[SessionAction]:
+    out: list[SessionAction] = []
+    while (a := session.next_action()) is not None:
+        out.append(a)
+    return out
+
+
+def new_session(names: tuple[str, ...] = ("vsc-test-reader",), **kw: object) -> VscSession:
+    return VscSession(list(names), **kw)  # type: ignore[arg-type]
+
+
+def power_all(session: VscSession, atr: bytes = TRACE_ATR) -> list[SessionAction]:
+    """Answer every PowerOn with ``atr``; return the other actions."""
+    rest: list[SessionAction] = []
+    for a in actions(session):
+        if isinstance(a, PowerOn):
+            session.power_on_done(a.token, atr, 0.0)
+        else:
+            rest.append(a)
+    return rest
+
+
+def handshake(session: VscSession) -> None:
+    """Through ATR acknowledged, as in the trace (server mode)."""
+    session.start(0.0)
+    power_all(session)
+    session.receive_data(QEMU_INIT, 0.0)
+    session.receive_data(ERROR_OK, 0.0)
+    session.receive_data(ERROR_OK, 0.0)
+    session.data_to_send()
+
+
+def single_transmit(session: VscSession) -> Transmit:
+    acts = [a for a in actions(session) if not isinstance(a, ApduDone)]
+    assert len(acts) == 1 and isinstance(acts[0], Transmit), acts
+    return acts[0]
+
+
+# ------------------------------------------------------------------------- the QEMU trace
+
+
+def test_qemu_server_mode_trace_byte_for_byte() -> None:
+    """QEMU as chardev server sends nothing first; we speak first (PROTOCOL-NOTES 1)."""
+    s = new_session()
+    s.start(0.0)
+    assert s.data_to_send() == OUR_INIT
+    assert power_all(s) == []  # the ATR is ready early but held until the reader is added
+    assert s.data_to_send() == b""
+    s.receive_data(QEMU_INIT, 0.0)  # the reply to our Init
+    assert s.handshake_done
+    assert s.data_to_send() == READER_ADD
+    s.receive_data(ERROR_OK, 0.0)  # ReaderAdd accepted, reader id 0
+    assert s.data_to_send() == ATR_MSG
+    s.receive_data(ERROR_OK, 0.0)  # ATR accepted
+    assert s.data_to_send() == b""
+    s.receive_data(GUEST_APDU, 1.0)
+    t = single_transmit(s)
+    assert (t.reader, t.apdu) == (0, H("00a4040007a0000000031010"))
+    s.transmit_done(t.token, H("9000"), 1.25)
+    assert s.data_to_send() == OUR_RESPONSE
+    done = actions(s)
+    assert done == [ApduDone(0, 0, t.apdu, H("9000"), 1.0, 0.25)]
+
+
+def test_qemu_client_mode_trace_byte_for_byte() -> None:
+    """QEMU as chardev client sends an unsolicited Init, then replies to ours: one handshake."""
+    s = new_session()
+    s.start(0.0)
+    power_all(s)
+    assert s.data_to_send() == OUR_INIT
+    s.receive_data(QEMU_INIT, 0.0)  # unsolicited
+    assert s.data_to_send() == READER_ADD
+    s.receive_data(QEMU_INIT, 0.0)  # the reply to our Init: no second handshake
+    assert s.data_to_send() == b""
+    s.receive_data(ERROR_OK + ERROR_OK + GUEST_APDU, 0.0)
+    assert s.data_to_send() == ATR_MSG
+    t = single_transmit(s)
+    s.transmit_done(t.token, H("9000"), 0.0)
+    assert s.data_to_send() == OUR_RESPONSE
+
+
+def test_whole_trace_in_any_chunking_gives_same_output() -> None:
+    stream = QEMU_INIT + QEMU_INIT + ERROR_OK + ERROR_OK + GUEST_APDU
+    for size in (1, 2, 5, 11, 12, 13, len(stream)):
+        s = new_session()
+        s.start(0.0)
+        power_all(s)
+        out = s.data_to_send()
+        transmits = []
+        for i in range(0, len(stream), size):
+            s.receive_data(stream[i : i + size], 0.0)
+            out += s.data_to_send()
+            transmits += [a for a in actions(s) if isinstance(a, Transmit)]
+        assert out == OUR_INIT + READER_ADD + ATR_MSG, size
+        assert [t.apdu for t in transmits] == [GUEST_APDU[12:]]
+
+
+def test_init_at_any_time_never_repeats_handshake() -> None:
+    s = new_session()
+    handshake(s)
+    for _ in range(3):
+        s.receive_data(QEMU_INIT, 0.0)
+        assert s.data_to_send() == b""
+        assert actions(s) == []
+    s.receive_data(GUEST_APDU, 0.0)
+    assert isinstance(single_transmit(s), Transmit)
+
+
+def test_reader_add_waits_for_init() -> None:
+    s = new_session()
+    s.start(0.0)
+    power_all(s)
+    assert s.data_to_send() == OUR_INIT
+    s.receive_data(GUEST_APDU, 0.0)  # no reader yet: refused, not routed
+    assert s.data_to_send() == error(0, VscErrorCode.GENERAL_ERROR)
+
+
+# ------------------------------------------------------------------------- readers
+
+
+def test_reader_ids_come_from_the_error_answer_and_route_apdus() -> None:
+    """SPICE-style host with its own ids: ReaderAdd one at a time, id from Error.reader_id."""
+    s = new_session(("a", "b"))
+    s.start(0.0)
+    power_all(s, H("3b00"))
+    s.data_to_send()
+    s.receive_data(QEMU_INIT, 0.0)
+    assert s.data_to_send() == frame(3, 0, b"a")  # only the first reader
+    s.receive_data(error(5), 0.0)
+    assert s.data_to_send() == frame(5, 5, H("3b00")) + frame(3, 0, b"b")
+    s.receive_data(error(5) + error(7), 0.0)  # ATR of a ok, then b added with id 7
+    assert s.data_to_send() == frame(5, 7, H("3b00"))
+    s.receive_data(error(7), 0.0)
+    assert [(r.reader_id, r.state) for r in s.readers()] == [
+        (5, ReaderState.ADDED), (7, ReaderState.ADDED)
+    ]
+    s.receive_data(apdu(7, H("80e0000001bb")) + apdu(5, H("80e0000001aa")), 0.0)
+    ts = [a for a in actions(s) if isinstance(a, Transmit)]
+    assert [(t.reader, t.apdu) for t in ts] == [(1, H("80e0000001bb")), (0, H("80e0000001aa"))]
+    s.transmit_done(ts[1].token, H("aa9000"), 0.0)
+    s.transmit_done(ts[0].token, H("bb9000"), 0.0)
+    assert s.data_to_send() == apdu(5, H("aa9000")) + apdu(7, H("bb9000"))
+
+
+def test_second_reader_refused_by_qemu_first_keeps_working() -> None:
+    s = new_session(("a", "b"))
+    s.start(0.0)
+    power_all(s, H("3b00"))
+    s.data_to_send()
+    s.receive_data(QEMU_INIT + error(0), 0.0)
+    s.data_to_send()
+    s.receive_data(error(0) + error(0xFFFFFFFF, VscErrorCode.CANNOT_ADD_MORE_READERS), 0.0)
+    assert [r.state for r in s.readers()] == [ReaderState.ADDED, ReaderState.REFUSED]
+    s.receive_data(apdu(0, H("80e0000001aa")), 0.0)
+    assert single_transmit(s).reader == 0
+
+
+def test_unknown_reader_id_gets_general_error() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(apdu(3, H("00a40400")), 0.0)
+    assert s.data_to_send() == error(3, VscErrorCode.GENERAL_ERROR)
+    assert actions(s) == []
+
+
+# ------------------------------------------------------------------------- APDU flow
+
+
+def test_one_apdu_in_flight_per_reader_rest_queued_in_order() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(apdu(0, H("80e0000001aa")) + apdu(0, H("80e0000001bb")), 0.0)
+    first = single_transmit(s)
+    assert first.apdu == H("80e0000001aa")
+    s.transmit_done(first.token, H("aa9000"), 0.0)
+    second = single_transmit(s)
+    assert second.apdu == H("80e0000001bb")
+    s.transmit_done(second.token, H("bb9000"), 0.0)
+    assert s.data_to_send() == apdu(0, H("aa9000")) + apdu(0, H("bb9000"))
+
+
+def test_queue_is_bounded() -> None:
+    s = new_session(max_queue=1)
+    handshake(s)
+    s.receive_data(apdu(0, H("80e00000")) * 3, 0.0)
+    assert s.data_to_send() == error(0, VscErrorCode.GENERAL_ERROR)  # the third
+
+
+def test_card_remove_deferred_while_response_in_flight() -> None:
+    """PROTOCOL-NOTES: never CardRemove while an APDU response is on its way."""
+    s = new_session()
+    handshake(s)
+    s.receive_data(GUEST_APDU, 0.0)
+    t = single_transmit(s)
+    s.remove_card(0, 0.0)
+    assert s.data_to_send() == b""
+    s.transmit_done(t.token, H("9000"), 0.0)
+    assert s.data_to_send() == OUR_RESPONSE + frame(6, 0)
+    assert [a for a in actions(s) if isinstance(a, PowerOff)] == [PowerOff(0)]
+    s.receive_data(ERROR_OK + GUEST_APDU, 0.0)  # CardRemove acked; then an APDU: no card
+    assert s.data_to_send() == error(0, VscErrorCode.GENERAL_ERROR)
+    assert not s.readers()[0].present
+
+
+def test_remove_then_insert_sends_atr_again() -> None:
+    s = new_session()
+    handshake(s)
+    s.remove_card(0, 0.0)
+    assert s.data_to_send() == frame(6, 0)
+    with pytest.raises(ValueError):
+        s.remove_card(0, 0.0)
+    s.insert_card(0, 0.0)
+    with pytest.raises(ValueError):
+        s.insert_card(0, 0.0)
+    power_all(s, H("3b00"))
+    assert s.data_to_send() == frame(5, 0, H("3b00"))
+
+
+def test_late_power_on_answer_after_removal_is_dropped() -> None:
+    s = new_session()
+    s.start(0.0)
+    (power,) = [a for a in actions(s) if isinstance(a, PowerOn)]
+    s.remove_card(0, 0.0)
+    s.power_on_done(power.token, TRACE_ATR, 0.0)
+    s.receive_data(QEMU_INIT + ERROR_OK, 0.0)
+    assert s.data_to_send() == OUR_INIT + READER_ADD  # no ATR
+
+
+def test_card_failure_answers_general_error() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(GUEST_APDU, 0.0)
+    t = single_transmit(s)
+    s.transmit_failed(t.token, "card error: gone", 0.5)
+    assert s.data_to_send() == error(0, VscErrorCode.GENERAL_ERROR)
+    (done,) = actions(s)
+    assert isinstance(done, ApduDone) and done.error == "card error: gone"
+    s.receive_data(GUEST_APDU, 1.0)  # the reader still works
+    assert isinstance(single_transmit(s), Transmit)
+
+
+def test_stale_transmit_answer_is_ignored() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(GUEST_APDU, 0.0)
+    t = single_transmit(s)
+    s.transmit_done(t.token, H("9000"), 0.0)
+    s.transmit_done(t.token, H("9000"), 0.0)  # twice: the second is dropped
+    assert s.data_to_send() == OUR_RESPONSE
+
+
+# ------------------------------------------------------------------------- other messages
+
+
+def test_flush_answered_with_flush_complete() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(frame(8, 0), 0.0)
+    assert s.data_to_send() == frame(9, 0)
+
+
+def test_flush_complete_waits_for_responses_in_flight() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(GUEST_APDU + frame(8, 0), 0.0)
+    assert s.data_to_send() == b""
+    t = single_transmit(s)
+    s.transmit_done(t.token, H("9000"), 0.0)
+    assert s.data_to_send() == OUR_RESPONSE + frame(9, 0)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(frame(42, 0, b"xyz"), id="unknown-type"),
+        pytest.param(frame(3, 0, b"name"), id="reader-add-from-host"),
+        pytest.param(frame(5, 0, H("3b00")), id="atr-from-host"),
+    ],
+)
+def test_unexpected_message_gets_general_error(message: bytes) -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(message, 0.0)
+    assert s.data_to_send() == error(0, VscErrorCode.GENERAL_ERROR)
+    assert not s.closed
+    s.receive_data(GUEST_APDU, 0.0)
+    assert isinstance(single_transmit(s), Transmit)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(frame(7, 0, b"") [:8] + H("7fffffff"), id="over-long-length"),
+        pytest.param(frame(1, 0xFFFFFFFF, b"XXXX" + bytes(8)), id="bad-init-magic"),
+        pytest.param(frame(2, 0, b"\x00"), id="short-error"),
+        pytest.param(frame(6, 0, b"\x00"), id="card-remove-with-payload"),
+    ],
+)
+def test_malformed_stream_closes_session(garbage: bytes) -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(GUEST_APDU + garbage, 0.0)
+    acts = actions(s)
+    assert isinstance(acts[0], Transmit)  # the good frame before the bad one was served
+    assert isinstance(acts[-1], Closed) and acts[-1].error
+    assert s.closed and "malformed" in (s.close_reason or "")
+    s.receive_data(GUEST_APDU, 0.0)  # ignored from now on
+    assert actions(s) == []
+
+
+def test_little_endian_for_spice() -> None:
+    s = VscSession(["r"], byteorder="little")
+    s.start(0.0)
+    assert s.data_to_send() == struct.pack("<III", 1, 0, 12) + b"VSCD" + struct.pack("<II", 2, 0)
+
+
+# ------------------------------------------------------------------------- shutdown
+
+
+def test_shutdown_removes_cards_and_readers_after_in_flight() -> None:
+    s = new_session()
+    handshake(s)
+    s.receive_data(GUEST_APDU, 0.0)
+    t = single_transmit(s)
+    s.shutdown(0.0)
+    assert not s.finished
+    assert s.data_to_send() == b""
+    s.receive_data(GUEST_APDU, 0.0)  # arrives during shutdown: refused
+    assert s.data_to_send() == error(0, VscErrorCode.GENERAL_ERROR)
+    s.transmit_done(t.token, H("9000"), 0.0)
+    assert s.data_to_send() == OUR_RESPONSE + frame(6, 0) + frame(4, 0)
+    assert s.finished
+
+
+def test_shutdown_before_handshake_sends_nothing() -> None:
+    s = new_session()
+    s.start(0.0)
+    s.data_to_send()
+    s.shutdown(0.0)
+    assert s.finished and s.data_to_send() == b""
+
+
+def test_shutdown_while_reader_add_pending_removes_it_when_added() -> None:
+    s = new_session()
+    s.start(0.0)
+    power_all(s)
+    s.receive_data(QEMU_INIT, 0.0)
+    s.data_to_send()
+    s.shutdown(0.0)
+    assert not s.finished
+    s.receive_data(ERROR_OK, 0.0)
+    assert s.data_to_send() == frame(4, 0)
+    assert s.finished
+
+
+# ------------------------------------------------------------------------- with a real card
+
+
+def test_with_builtin_test_card_echo() -> None:
+    card = BuiltinTestCard()
+    s = new_session()
+    s.start(0.0)
+    power_all(s, card.power_on())
+    s.receive_data(QEMU_INIT + ERROR_OK + ERROR_OK, 0.0)
+    s.data_to_send()
+    s.receive_data(apdu(0, H("80e0000003010203")), 0.0)
+    t = single_transmit(s)
+    s.transmit_done(t.token, card.transmit(t.apdu), 0.0)
+    assert s.data_to_send() == apdu(0, H("0102039000"))
+
+
+# ------------------------------------------------------------------------- fuzzing
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.lists(st.binary(max_size=64), max_size=8), handshaken=st.booleans())
+def test_arbitrary_bytes_never_raise(data: list[bytes], handshaken: bool) -> None:
+    s = new_session()
+    if handshaken:
+        handshake(s)
+    else:
+        s.start(0.0)
+    for chunk in data:
+        s.receive_data(chunk, 0.0)
+        while (a := s.next_action()) is not None:
+            if isinstance(a, Transmit):
+                s.transmit_done(a.token, H("9000"), 0.0)
+            elif isinstance(a, PowerOn):
+                s.power_on_done(a.token, TRACE_ATR, 0.0)
+            elif isinstance(a, Closed):
+                assert a.error and s.closed
+        s.data_to_send()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [QEMU_INIT, ERROR_OK, GUEST_APDU, frame(8, 0), frame(42, 1, b"z"), error(9, 1)]
+        ),
+        max_size=12,
+    ),
+    st.integers(1, 40),
+)
+def test_valid_messages_any_chunking_same_output(messages: list[bytes], size: int) -> None:
+    def run(chunk: int) -> bytes:
+        s = new_session()
+        s.start(0.0)
+        power_all(s)
+        stream = b"".join(messages)
+        out = s.data_to_send()
+        for i in range(0, len(stream), chunk):
+            s.receive_data(stream[i : i + chunk], 0.0)
+            out += s.data_to_send()
+        # the card answers after the whole stream (same moment in both runs)
+        while (a := s.next_action()) is not None:  # answers may queue more requests
+            if isinstance(a, Transmit):
+                s.transmit_done(a.token, H("9000"), 0.0)
+        out += s.data_to_send()
+        assert not s.closed
+        return out
+
+    assert run(size) == run(len(b"".join(messages)) or 1)
