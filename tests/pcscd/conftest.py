@@ -1,0 +1,35 @@
+"""Fixtures for the real-client tests: a private pcscd with vpcd (see harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pcscd.harness import PcscdHarness, require
+
+
+@pytest.fixture(scope="session")
+def pcscd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscdHarness]:
+    require()
+    harness = PcscdHarness(tmp_path_factory.mktemp("pcscd"))
+    harness.start_pcscd()
+    try:
+        yield harness
+    finally:
+        harness.stop_bridge()
+        harness.stop_pcscd()
+
+
+@pytest.fixture
+def pcscd(pcscd_session: PcscdHarness, request: pytest.FixtureRequest) -> Iterator[PcscdHarness]:
+    """The session's pcscd, running, with no bridge; the bridge is stopped afterwards."""
+    harness = pcscd_session
+    if harness.proc is None or harness.proc.poll() is not None:
+        harness.proc = None
+        harness.start_pcscd()
+    yield harness
+    harness.stop_bridge()
+    if harness.proc is None or harness.proc.poll() is not None:
+        harness.proc = None
+        harness.start_pcscd()

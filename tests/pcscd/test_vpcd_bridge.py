@@ -1,0 +1,188 @@
+"""vmc.vpcd: the socket adapter against a scripted fake vpcd (no pcscd needed)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from ccidemu.card import BuiltinTestCard
+from ccidemu.errors import ConfigError
+from vmc.addr import TcpAddress, UnixAddress
+from vmc.vpcd import VpcdBridge
+
+
+class FakeVpcd:
+    """vpcd's side: listens, accepts the card, sends frames, reads answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        self.conn = conn
+        return conn
+
+    def send(self, payload: bytes) -> None:
+        assert self.conn is not None
+        # like Debian 12's vpcd: length and payload in two writes
+        self.conn.sendall(len(payload).to_bytes(2, "big"))
+        self.conn.sendall(payload)
+
+    def recv_frame(self) -> bytes:
+        assert self.conn is not None
+        header = self._exactly(2)
+        return self._exactly(int.from_bytes(header, "big"))
+
+    def _exactly(self, n: int) -> bytes:
+        assert self.conn is not None
+        data = b""
+        while len(data) < n:
+            chunk = self.conn.recv(n - len(data))
+            assert chunk, "bridge closed the connection"
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+class _ExplodingCard(BuiltinTestCard):
+    def transmit(self, apdu: bytes) -> bytes:
+        if apdu[:2] == b"\x80\xee":
+            raise RuntimeError("card bug")
+        return super().transmit(apdu)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeVpcd]:
+    vpcd = FakeVpcd()
+    yield vpcd
+    vpcd.close()
+
+
+def _start(bridge: VpcdBridge) -> threading.Thread:
+    thread = threading.Thread(target=bridge.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(bridge: VpcdBridge, thread: threading.Thread) -> None:
+    bridge.stop()
+    thread.join(10)
+    bridge.close()
+    assert not thread.is_alive()
+
+
+def test_protocol_reconnect_and_card_errors(fake: FakeVpcd) -> None:
+    card = _ExplodingCard()
+    bridge = VpcdBridge(card, TcpAddress("127.0.0.1", fake.port), backoff_initial=0.02)
+    thread = _start(bridge)
+    try:
+        fake.accept()
+        assert bridge.wait_connected(5)
+        assert bridge.sock is not None
+        assert bridge.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        fake.send(b"\x04")
+        assert fake.recv_frame() == BuiltinTestCard.ATR
+        fake.send(b"\x01")  # power on: no answer
+        fake.send(b"\x80\xe0\x00\x00\x01\x5a")
+        assert fake.recv_frame() == b"\x5a\x90\x00"
+        fake.send(b"\x80\xee\x00\x00")  # the card raises: 6F00, the bridge lives on
+        assert fake.recv_frame() == b"\x6f\x00"
+        fake.send(b"\x80\xe4\x00\x00\x04")
+        assert fake.recv_frame() == b"\x00\x00\x00\x02\x90\x00"  # E0, E4 (EE raised)
+        # vpcd goes away (pcscd restart): the bridge reconnects with the same card
+        assert fake.conn is not None
+        fake.conn.close()
+        fake.accept()
+        fake.send(b"\x80\xe4\x00\x00\x04")
+        assert fake.recv_frame() == b"\x00\x00\x00\x03\x90\x00"
+        assert bridge.connections == 2
+        # a broken frame (length 0) drops the connection; the bridge comes back again
+        assert fake.conn is not None
+        fake.conn.sendall(b"\x00\x00")
+        fake.accept()
+        fake.send(b"\x04")
+        assert fake.recv_frame() == BuiltinTestCard.ATR
+        assert bridge.connections == 3
+    finally:
+        _stop(bridge, thread)
+
+
+def test_stop_while_vpcd_unreachable() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    bridge = VpcdBridge(BuiltinTestCard(), TcpAddress("127.0.0.1", port), backoff_initial=0.05)
+    thread = _start(bridge)
+    assert not bridge.wait_connected(0.3)
+    _stop(bridge, thread)
+
+
+def test_unix_address_refused() -> None:
+    with pytest.raises(ConfigError):
+        VpcdBridge(BuiltinTestCard(), UnixAddress("/tmp/x"))  # type: ignore[arg-type]
+
+
+def test_cli_sigterm_exits_cleanly(fake: FakeVpcd) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmc", "vpcd", "--card", "test:",
+         "--vpcd", f"tcp:127.0.0.1:{fake.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        fake.accept()
+        fake.send(b"\x04")
+        assert fake.recv_frame() == BuiltinTestCard.ATR
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out
+
+
+def test_cli_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "vmc", "vpcd", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for option in ("--card", "--vpcd", "--state-dir", "--read-only", "Virtual PCD 00 00"):
+        assert option in out
+
+
+def test_quickack_rearmed_before_every_receive(fake: FakeVpcd,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 40 ms trap is fixed by TCP_QUICKACK (Linux clears it again), not by TCP_NODELAY
+    alone (docs/PERFORMANCE.md, vpcd bridge): it must be re-armed before each recv."""
+    import vmc.vpcd
+
+    calls: list[int] = []
+    real = vmc.vpcd._quickack
+
+    def spy(sock: socket.socket) -> None:
+        calls.append(sock.fileno())
+        real(sock)
+
+    monkeypatch.setattr(vmc.vpcd, "_quickack", spy)
+    bridge = VpcdBridge(BuiltinTestCard(), TcpAddress("127.0.0.1", fake.port))
+    thread = _start(bridge)
+    try:
+        fake.accept()
+        assert bridge.wait_connected(5)
+        fd = bridge.sock.fileno() if bridge.sock else -1
+        for i in range(20):
+            fake.send(bytes([0x80, 0xE0, 0, 0, 1, i]))
+            assert fake.recv_frame() == bytes([i, 0x90, 0x00])
+        # one re-arm before each recv (vpcd's two writes arrive in one or two of them) and
+        # one after each answer: at least 2 per APDU
+        assert calls.count(fd) >= 40
+    finally:
+        _stop(bridge, thread)

@@ -1,0 +1,96 @@
+"""``ccidemu vpcd``: put one card into vsmartcard's vpcd reader for the host's pcscd."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ccidemu.card import Card
+from ccidemu.cards import CardOptions, open_card
+from ccidemu.errors import CcidemuError
+from vmc.addr import parse_address
+from vmc.vpcd import DEFAULT_VPCD_ADDRESS, VpcdBridge
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTION = """\
+Connect a card to vsmartcard's vpcd driver so that every PC/SC program on this host
+(OpenSC, yubico-piv-tool, browsers, ssh) sees it in the reader "Virtual PCD 00 00".
+
+Needs pcscd with the vsmartcard-vpcd driver (Debian: apt install pcscd vsmartcard-vpcd).
+vpcd listens and the card connects: 127.0.0.1:35963 is reader "Virtual PCD 00 00",
+35964 is "Virtual PCD 00 01".  The bridge reconnects by itself when pcscd restarts and
+keeps the card (and its state: PIN tries, imported certificates) across reconnects.
+"""
+
+_EPILOG = """\
+examples:
+  ccidemu vpcd --card test:
+  ccidemu vpcd --card piv:fixtures/certs --state-dir ~/.local/state/ccidemu/piv
+  ccidemu vpcd --card piv:fixtures/certs --vpcd tcp:127.0.0.1:35964
+  opensc-tool -r 'Virtual PCD 00 00' -a     # then, in another terminal
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "vpcd",
+        help="bridge a card to vsmartcard's vpcd for the host's pcscd",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--card", metavar="SPEC", default=None,
+        help="the card to insert: test:, piv:DIR, piv:PROFILE.toml, ... "
+        "(default: piv: if the PIV card opens with its defaults, else test:)",
+    )
+    parser.add_argument(
+        "--vpcd", metavar="tcp:HOST:PORT", default=str(DEFAULT_VPCD_ADDRESS),
+        help=f"where vpcd listens (default: {DEFAULT_VPCD_ADDRESS})",
+    )
+    parser.add_argument(
+        "--state-dir", metavar="DIR", type=Path, default=None,
+        help="directory where the card keeps changed state (PIN, keys, certificates); "
+        "default: in memory only",
+    )
+    parser.add_argument(
+        "--read-only", action="store_true",
+        help="never write card state to disk (changes live until the bridge exits)",
+    )
+    parser.set_defaults(func=run)
+
+
+def _open(spec: str | None, options: CardOptions) -> Card:
+    if spec is not None:
+        return open_card(spec, options)
+    try:
+        return open_card("piv:", options)
+    except CcidemuError as exc:
+        log.info("default PIV card not available (%s); using the built-in test card", exc)
+        return open_card("test:", options)
+
+
+def run(args: argparse.Namespace) -> int:
+    address = parse_address(args.vpcd)
+    card = _open(args.card, CardOptions(state_dir=args.state_dir, read_only=args.read_only))
+    bridge = VpcdBridge(card, address)
+    log.info("bridging card %s to vpcd at %s", card.name, address)
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        bridge.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        bridge.run()
+    finally:
+        bridge.close()
+    return 0

@@ -1,0 +1,184 @@
+"""The vpcd bridge: connects one card to vsmartcard's vpcd so the host's pcscd sees it.
+
+The protocol lives in :mod:`ccidemu.vpcd` (sans-I/O); this module only does the socket work:
+connect to vpcd (TCP, by default 127.0.0.1:35963 = reader "Virtual PCD 00 00"), feed what
+arrives to a :class:`~ccidemu.vpcd.VpcdConnection`, let a :class:`~ccidemu.vpcd.VpcdCardSlot`
+answer, and reconnect with exponential backoff whenever pcscd (and with it vpcd) goes away.
+The card object, and so its state, lives across reconnects.
+
+Latency (PROTOCOL-NOTES section 3): Debian 12's vpcd writes the length and the APDU in two
+``send()`` calls; with Nagle on its side and delayed ACKs on ours every APDU stalls about
+40 ms.  The card's socket therefore sets ``TCP_NODELAY`` and re-arms ``TCP_QUICKACK`` (which
+Linux clears again after a while) before every ``recv``.
+
+Stopping: :meth:`VpcdBridge.stop` (thread-safe) wakes the loop through a self-pipe; the
+command installs SIGINT/SIGTERM handlers that call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+
+from ccidemu.card import Card
+from ccidemu.errors import ConfigError, DecodeError
+from ccidemu.vpcd import VpcdCardSlot, VpcdConnection, describe_event
+from vmc.addr import Address, TcpAddress
+
+__all__ = ["DEFAULT_VPCD_ADDRESS", "VpcdBridge", "tune_socket"]
+
+log = logging.getLogger(__name__)
+
+#: vsmartcard-vpcd's reader.conf: DEVICENAME /dev/null:0x8C7B, reader "Virtual PCD 00 00".
+DEFAULT_VPCD_ADDRESS = TcpAddress("127.0.0.1", 35963)
+
+_RECV_SIZE = 65536 + 2
+
+
+def _quickack(sock: socket.socket) -> None:
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is not None:
+        with contextlib.suppress(OSError):  # not every stack has it
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY and TCP_QUICKACK on the card's socket (the 40 ms trap)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _quickack(sock)
+
+
+class VpcdBridge:
+    """One card, one vpcd reader.  ``run()`` blocks until ``stop()``.
+
+    ``backoff_initial``/``backoff_max``: seconds between connection attempts, doubling from
+    the first to the second while vpcd stays unreachable.
+    """
+
+    def __init__(
+        self,
+        card: Card,
+        address: Address = DEFAULT_VPCD_ADDRESS,
+        *,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 2.0,
+    ) -> None:
+        if not isinstance(address, TcpAddress):
+            raise ConfigError(f"vpcd listens on TCP; {address} is not a tcp:HOST:PORT address")
+        self.address = address
+        self.slot = VpcdCardSlot(card)
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        #: Completed connections (a test can wait for a reconnect with it).
+        self.connections = 0
+        self._sock: socket.socket | None = None
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    @property
+    def card(self) -> Card:
+        return self.slot.card
+
+    @property
+    def sock(self) -> socket.socket | None:
+        """The socket to vpcd while connected (for inspection), else None."""
+        return self._sock
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected to vpcd (True) or ``timeout`` seconds pass (False)."""
+        return self._connected.wait(timeout)
+
+    def stop(self) -> None:
+        """Make ``run()`` return soon.  Safe from signal handlers and other threads."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        """Release the wake-up pipe (after ``run()`` returned)."""
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _sleep(self, seconds: float) -> None:
+        readable, _, _ = select.select([self._wake_r], [], [], seconds)
+        if readable:
+            os.read(self._wake_r, 64)
+
+    def _connect(self) -> socket.socket:
+        assert isinstance(self.address, TcpAddress)
+        sock = socket.create_connection((self.address.host, self.address.port), timeout=5.0)
+        sock.settimeout(None)
+        tune_socket(sock)
+        return sock
+
+    def run(self) -> None:
+        """Connect, serve, reconnect; return after ``stop()``."""
+        delay = self.backoff_initial
+        unreachable_logged = False
+        while not self._stopping.is_set():
+            try:
+                sock = self._connect()
+            except OSError as exc:
+                if not unreachable_logged:
+                    log.warning("vpcd at %s not reachable (%s); retrying until it is",
+                                self.address, exc.strerror or exc)
+                    unreachable_logged = True
+                self._sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            delay = self.backoff_initial
+            unreachable_logged = False
+            self.connections += 1
+            log.info("connected to vpcd at %s: card %s inserted", self.address, self.card.name)
+            self._sock = sock
+            self._connected.set()
+            try:
+                reason = self._serve(sock)
+            finally:
+                self._connected.clear()
+                self._sock = None
+                sock.close()
+            if self._stopping.is_set():
+                break
+            log.warning("vpcd connection lost (%s); reconnecting", reason)
+            self._sleep(self.backoff_initial)
+        log.info("vpcd bridge stopped")
+
+    def _serve(self, sock: socket.socket) -> str:
+        """Answer vpcd until the connection ends; the reason it ended."""
+        conn = VpcdConnection()
+        while True:
+            readable, _, _ = select.select([sock.fileno(), self._wake_r], [], [])
+            if self._wake_r in readable:
+                os.read(self._wake_r, 64)
+                if self._stopping.is_set():
+                    return "stopping"
+            if sock.fileno() not in readable:
+                continue
+            _quickack(sock)
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except OSError as exc:
+                return f"receive failed: {exc.strerror or exc}"
+            if not data:
+                return "closed by vpcd"
+            try:
+                conn.receive_data(data)
+                while (event := conn.next_event()) is not None:
+                    reply = self.slot.handle(event)
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("vpcd %s -> %d bytes", describe_event(event), len(reply))
+                    if reply:
+                        sock.sendall(reply)
+                    _quickack(sock)
+            except DecodeError as exc:
+                return f"bad frame from vpcd: {exc}"
+            except OSError as exc:
+                return f"send failed: {exc.strerror or exc}"
