@@ -1,0 +1,159 @@
+"""The ISO/IEC 7816-4 applet dispatcher shared by emulated cards (PIV now, CAC later).
+
+Theory of operation: a card feeds every command APDU's bytes to
+:meth:`IsoDispatcher.process` and returns what it gives back.  The dispatcher
+
+1. parses the command (ISO/IEC 7816-3:2006 section 12.1.3); a malformed one gets 6700;
+2. checks the class byte (ISO/IEC 7816-4:2013 section 5.4.1): an unknown class gets
+   6E00, secure messaging 6882, a logical channel other than 0 6881;
+3. answers GET RESPONSE (``xx C0 00 00 Le``, section 5.3 / 7.6.1) from the pending
+   response; any other command drops what was pending;
+4. looks the instruction up (unknown: 6D00) and joins command chains (CLA bit b5,
+   section 5.1.1.1): each non-last link is answered 9000, a link that does not continue
+   the chain gets 6883, a chain sent to an instruction that does not take chains 6884;
+5. calls the handler with the (joined) :class:`~ccidemu.apdu.CommandApdu`; the handler
+   returns the response data or raises :class:`~ccidemu.errors.StatusWordError`;
+6. sends at most Ne bytes (Ne absent = 256, or 65536 for an extended command); the rest
+   stays pending and the answer ends in ``61xx`` (xx = bytes left, 00 = 256 or more).
+
+Any other exception a handler raises is logged and answered 6F00: nothing escapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping
+
+from ccidemu.apdu import (
+    CLA_CHAINING,
+    MAX_EXTENDED_NE,
+    MAX_SHORT_NE,
+    ChainAssembler,
+    ChainError,
+    CommandApdu,
+    parse_command,
+)
+from ccidemu.errors import DecodeError, StatusWordError
+from ccidemu.sw import SW
+
+log = logging.getLogger(__name__)
+
+#: A command handler: the parsed (and de-chained) command in, the response data out.
+Handler = Callable[[CommandApdu], bytes]
+
+INS_GET_RESPONSE = 0xC0
+
+#: The default cap on a joined command chain (largest extended Nc).
+DEFAULT_MAX_CHAIN = 65535
+
+
+def _sw(sw: int) -> bytes:
+    return (sw & 0xFFFF).to_bytes(2, "big")
+
+
+class IsoDispatcher:
+    """Routes command APDUs to per-instruction handlers; see the module docstring.
+
+    ``handlers`` maps INS to a handler; ``chaining`` lists the instructions that accept
+    command chains; ``classes`` the accepted CLA values with b5 (chaining) cleared.
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[int, Handler],
+        *,
+        chaining: Collection[int] = (),
+        classes: Collection[int] = (0x00,),
+        max_chain: int = DEFAULT_MAX_CHAIN,
+    ) -> None:
+        self._handlers = dict(handlers)
+        self._chaining = frozenset(chaining)
+        self._classes = frozenset(classes)
+        # every CLA accepted as is: the classes with and without the chaining bit
+        self._accepted = frozenset(c | b for c in self._classes for b in (0, CLA_CHAINING)
+                                   if c | b != 0xFF)
+        self._chain = ChainAssembler(max_length=max_chain)
+        self._pending = b""
+
+    def reset(self) -> None:
+        """Forget pending command chains and responses (card reset)."""
+        self._chain.reset()
+        self._pending = b""
+
+    @property
+    def response_pending(self) -> int:
+        """How many response bytes wait for GET RESPONSE."""
+        return len(self._pending)
+
+    def process(self, apdu: bytes) -> bytes:
+        """Answer one command APDU; always returns data + SW1 SW2, never raises."""
+        try:
+            return self._process(apdu)
+        except StatusWordError as exc:
+            self._pending = b""
+            return _sw(exc.sw)
+        except Exception:
+            log.exception("card handler failed on %s", bytes(apdu[:4]).hex())
+            self._pending = b""
+            self._chain.reset()
+            return _sw(SW.NO_PRECISE_DIAGNOSIS)
+
+    def _class_error(self, cla: int) -> int:
+        if cla & 0xE0 == 0:  # first interindustry class (ISO/IEC 7816-4 table 2)
+            if cla & 0x0C:
+                return SW.SECURE_MESSAGING_NOT_SUPPORTED
+            if cla & 0x03:
+                return SW.LOGICAL_CHANNEL_NOT_SUPPORTED
+        return SW.CLA_NOT_SUPPORTED
+
+    def _process(self, apdu: bytes) -> bytes:
+        try:
+            cmd = parse_command(apdu)
+        except DecodeError as exc:
+            log.debug("malformed command APDU %s: %s", bytes(apdu).hex(), exc)
+            self._pending = b""
+            return _sw(SW.WRONG_LENGTH)
+        if cmd.cla not in self._accepted:
+            self._pending = b""
+            return _sw(self._class_error(cmd.cla))
+        if cmd.ins == INS_GET_RESPONSE and not self._chain.pending:
+            return self._get_response(cmd)
+        self._pending = b""
+        handler = self._handlers.get(cmd.ins)
+        if handler is None:
+            self._chain.reset()
+            return _sw(SW.INS_NOT_SUPPORTED)
+        if cmd.chained or self._chain.pending:
+            if cmd.ins not in self._chaining:
+                self._chain.reset()
+                return _sw(SW.COMMAND_CHAINING_NOT_SUPPORTED)
+            try:
+                joined = self._chain.feed(cmd)
+            except ChainError as exc:
+                return _sw(exc.sw)
+            if joined is None:
+                return _sw(SW.OK)
+            cmd = joined
+        return self._respond(handler(cmd), cmd)
+
+    def _respond(self, data: bytes, cmd: CommandApdu) -> bytes:
+        limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
+        return self._send(data, limit)
+
+    def _send(self, data: bytes, limit: int) -> bytes:
+        if len(data) <= limit:
+            self._pending = b""
+            return data + _sw(SW.OK)
+        self._pending = data[limit:]
+        left = min(len(self._pending), 256) & 0xFF
+        return data[:limit] + bytes((0x61, left))
+
+    def _get_response(self, cmd: CommandApdu) -> bytes:
+        """GET RESPONSE (ISO/IEC 7816-4:2013 section 7.6.1): P1 P2 = 00 00."""
+        if not self._pending:
+            return _sw(SW.CONDITIONS_NOT_SATISFIED)
+        if cmd.p1 or cmd.p2 or cmd.data:
+            self._pending = b""
+            return _sw(SW.INCORRECT_P1P2 if cmd.p1 or cmd.p2 else SW.WRONG_LENGTH)
+        limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
+        return self._send(self._pending, limit)

@@ -1,0 +1,776 @@
+"""The PIV card engine: NIST SP 800-73-4 parts 1 (data model) and 2 (card commands).
+
+Pure: no file I/O, no clocks.  Everything a command can change lives in one
+:class:`PivState`; after each change the engine calls ``on_change(state)`` (which
+:mod:`ccidemu.cards.piv_files` uses to persist it).  Commands go through the shared
+:class:`~ccidemu.cards.iso.IsoDispatcher` (chaining, GET RESPONSE, status words).
+
+Theory of operation: the PIV application is the card's only and default application
+(SP 800-73-4 part 2 section 3.1.1); SELECT by its full or right-truncated AID answers
+the application property template.  Security status (SP 800-73-4 part 1 section 4.2):
+``pin_verified`` after a good VERIFY, cleared by VERIFY P1=FF and power-off;
+``pin_always`` (slot 9C, "PIN always") set by a good VERIFY and consumed by one 9C
+operation; ``admin`` after management key (9B) authentication, needed by GENERATE
+ASYMMETRIC KEY PAIR, PUT DATA and SET MANAGEMENT KEY.
+
+Supported instructions (SP 800-73-4 part 2 section 3, YubiKey extension marked Y):
+A4 SELECT, CB GET DATA, DB PUT DATA, 20 VERIFY, 24 CHANGE REFERENCE DATA,
+2C RESET RETRY COUNTER, 87 GENERAL AUTHENTICATE, 47 GENERATE ASYMMETRIC KEY PAIR,
+FF SET MANAGEMENT KEY (Y).  No command returns private key material.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar, cast
+
+from cryptography.exceptions import InvalidKey, UnsupportedAlgorithm
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ccidemu.apdu import CommandApdu
+from ccidemu.atr import compute_tck
+from ccidemu.cards.iso import IsoDispatcher
+from ccidemu.errors import DecodeError, StatusWordError
+from ccidemu.sw import SW
+from ccidemu.tlv import (
+    Tlv,
+    ber_decode,
+    ber_decode_one,
+    ber_encode,
+    ber_encode_tlvs,
+    ber_length,
+)
+
+log = logging.getLogger(__name__)
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+#: The PIV application identifier (SP 800-73-4 part 1 section 2.2): RID A000000308, PIX
+#: 00001000 0100 (application 0x1000, version 0x0100).
+PIV_AID = bytes.fromhex("A000000308000010000100")
+PIV_RID = PIV_AID[:5]
+PIV_PIX = PIV_AID[5:]
+#: The shortest right-truncated AID accepted by SELECT (the RID, as yubico-piv-tool sends).
+MIN_SELECT_AID = 5
+
+#: ATR (ISO/IEC 7816-3 section 8.2): TS=3B direct, T0=8C (TD1, 12 historical bytes),
+#: TD1=80 (TD2, T=0), TD2=01 (T=1), proprietary historical bytes "ccidemu-PIV1", TCK.
+#: No YubiKey-like historical bytes: those switch OpenSC into YubiKey quirks.
+_ATR_BODY = bytes.fromhex("3B8C8001") + b"ccidemu-PIV1"
+ATR = _ATR_BODY + bytes((compute_tck(_ATR_BODY),))
+
+PIN_MAX_LENGTH = 8
+PIN_MIN_LENGTH = 6
+DEFAULT_PIN = b"123456"
+DEFAULT_PUK = b"12345678"
+DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
+DEFAULT_RETRIES = 3
+
+
+class Algorithm(IntEnum):
+    """Cryptographic mechanism identifiers (SP 800-78-4 table 6-2; 05/16 as YubiKey)."""
+
+    TDES_DEFAULT = 0x00  # "3 key TDES" for the card management key (SP 800-78-4)
+    TDES = 0x03
+    RSA3072 = 0x05
+    RSA1024 = 0x06
+    RSA2048 = 0x07
+    AES128 = 0x08
+    AES192 = 0x0A
+    AES256 = 0x0C
+    ECCP256 = 0x11
+    ECCP384 = 0x14
+    RSA4096 = 0x16
+
+
+class KeyRef(IntEnum):
+    """Key references (SP 800-73-4 part 1 table 4)."""
+
+    PIN = 0x80
+    PUK = 0x81
+    AUTHENTICATION = 0x9A
+    MANAGEMENT = 0x9B
+    SIGNATURE = 0x9C
+    KEY_MANAGEMENT = 0x9D
+    CARD_AUTHENTICATION = 0x9E
+
+
+RETIRED_SLOTS = tuple(range(0x82, 0x96))
+ASYMMETRIC_SLOTS = (0x9A, 0x9C, 0x9D, 0x9E, *RETIRED_SLOTS)
+_ASYMMETRIC_SLOT_SET = frozenset(ASYMMETRIC_SLOTS)
+
+
+class ObjectTag(IntEnum):
+    """BER-TLV tags of the PIV data objects (SP 800-73-4 part 1 table 3)."""
+
+    CARD_CAPABILITY_CONTAINER = 0x5FC107
+    CHUID = 0x5FC102
+    CERT_9A = 0x5FC105
+    FINGERPRINTS = 0x5FC103
+    SECURITY_OBJECT = 0x5FC106
+    FACIAL_IMAGE = 0x5FC108
+    PRINTED_INFORMATION = 0x5FC109
+    CERT_9C = 0x5FC10A
+    CERT_9D = 0x5FC10B
+    CERT_9E = 0x5FC101
+    KEY_HISTORY = 0x5FC10C
+    IRIS_IMAGES = 0x5FC121
+    DISCOVERY = 0x7E
+    BIOMETRIC_GROUP = 0x7F61
+
+
+#: Certificate object per key reference (SP 800-73-4 part 1 tables 3 and 4).
+CERT_OBJECTS: dict[int, int] = {
+    0x9A: ObjectTag.CERT_9A,
+    0x9C: ObjectTag.CERT_9C,
+    0x9D: ObjectTag.CERT_9D,
+    0x9E: ObjectTag.CERT_9E,
+    **{slot: 0x5FC10D + i for i, slot in enumerate(RETIRED_SLOTS)},
+}
+
+#: Objects whose read needs the PIN (SP 800-73-4 part 1 table 3, "access rule for read").
+PIN_PROTECTED_OBJECTS = frozenset(
+    {ObjectTag.FINGERPRINTS, ObjectTag.FACIAL_IMAGE, ObjectTag.PRINTED_INFORMATION,
+     ObjectTag.IRIS_IMAGES}
+)
+
+
+def is_valid_object_tag(tag: int) -> bool:
+    """A tag this card stores: the SP 800-73-4 objects and YubiKey's 5FFF00-5FFF15."""
+    return (0x5FC101 <= tag <= 0x5FC123 or tag in (0x7E, 0x7F61)
+            or 0x5FFF00 <= tag <= 0x5FFF15)
+
+
+# --- data object builders (SP 800-73-4 part 1 appendix A) ------------------------------
+
+
+def cert_object(der: bytes) -> bytes:
+    """X.509 certificate object (part 1 table 10..15): 53 { 70 cert, 71 CertInfo 00, FE LRC }."""
+    return ber_encode(0x53, ber_encode_tlvs([(0x70, der), (0x71, b"\x00"), (0xFE, b"")]))
+
+
+def ccc_object(card_id: bytes) -> bytes:
+    """Card Capability Container (part 1 table 8); ``card_id`` is 14 bytes.
+
+    F0 card identifier = GSC-RID A0 00 00 01 16, manufacturer FF, card type 02, card id;
+    F1/F2 container and grammar version 21; F5 data model 10 (PIV); the rest empty.
+    """
+    ident = bytes.fromhex("A000000116FF02") + card_id[:14].ljust(14, b"\x00")
+    return ber_encode(0x53, ber_encode_tlvs([
+        (0xF0, ident), (0xF1, b"\x21"), (0xF2, b"\x21"), (0xF3, b""), (0xF4, b"\x00"),
+        (0xF5, b"\x10"), (0xF6, b""), (0xF7, b""), (0xFA, b""), (0xFB, b""), (0xFC, b""),
+        (0xFD, b""), (0xFE, b""),
+    ]))
+
+
+def fascn(agency: str = "9999", system: str = "9999", credential: str = "999999",
+          cs: str = "0", ici: str = "1", pi: str = "0000000000", oc: str = "3",
+          oi: str = "0000", poa: str = "1") -> bytes:
+    """A FASC-N (TIG SCEPACS section 6.6): 40 characters of 4-bit BCD + odd parity, 25 bytes.
+
+    Each character is its four data bits least significant first, then a parity bit
+    making the count of ones odd.  SS=B, FS=D, ES=F, then the LRC (XOR of the data bits).
+    """
+    chars = [0xB, *map(int, agency), 0xD, *map(int, system), 0xD, *map(int, credential),
+             0xD, int(cs), 0xD, int(ici), 0xD, *map(int, pi), int(oc), *map(int, oi),
+             int(poa), 0xF]
+    lrc = 0
+    for c in chars:
+        lrc ^= c
+    chars.append(lrc)
+    bits = ""
+    for c in chars:
+        data = "".join("1" if c >> i & 1 else "0" for i in range(4))
+        bits += data + ("0" if data.count("1") % 2 else "1")
+    return int(bits, 2).to_bytes(25, "big")
+
+
+def chuid_object(guid: bytes, expiry: str = "20491231", fasc_n: bytes | None = None) -> bytes:
+    """CHUID (part 1 table 9): 30 FASC-N, 34 GUID, 35 expiry YYYYMMDD, 3E signature, FE.
+
+    The issuer asymmetric signature (3E) is empty: a test card has no content signer.
+    """
+    return ber_encode(0x53, ber_encode_tlvs([
+        (0x30, fasc_n or fascn()), (0x34, guid), (0x35, expiry.encode()),
+        (0x3E, b""), (0xFE, b""),
+    ]))
+
+
+def discovery_object() -> bytes:
+    """Discovery object (part 1 table 18): 7E { 4F PIV AID, 5F2F PIN usage policy 40 00 }.
+
+    Policy byte 1 = 40: the PIV Card Application PIN only; byte 2 = 00.
+    """
+    return ber_encode(0x7E, ber_encode_tlvs([(0x4F, PIV_AID), (0x5F2F, b"\x40\x00")]))
+
+
+def key_history_object(on_card: int, off_card: int = 0) -> bytes:
+    """Key History (part 1 table 19): C1 keys with on-card certs, C2 off-card, FE."""
+    return ber_encode(0x53, ber_encode_tlvs([
+        (0xC1, bytes((on_card,))), (0xC2, bytes((off_card,))), (0xFE, b""),
+    ]))
+
+
+def application_property_template(label: str = "") -> bytes:
+    """SELECT response (part 2 section 3.1.1, table 3): 61 { 4F PIX, 79 { 4F RID }, 50, AC }."""
+    algorithms_ = b"".join(ber_encode(0x80, bytes((a,))) for a in (
+        Algorithm.TDES, Algorithm.RSA1024, Algorithm.RSA2048, Algorithm.AES128,
+        Algorithm.AES192, Algorithm.AES256, Algorithm.ECCP256, Algorithm.ECCP384))
+    items: list[tuple[int, bytes]] = [(0x4F, PIV_PIX), (0x79, ber_encode(0x4F, PIV_RID))]
+    if label:
+        items.append((0x50, label.encode()[:32]))
+    items.append((0xAC, algorithms_ + ber_encode(0x06, b"")))
+    return ber_encode(0x61, ber_encode_tlvs(items))
+
+
+# --- state ------------------------------------------------------------------------------
+
+
+@dataclass
+class PivState:
+    """Everything the card's commands can change (persisted by piv_files)."""
+
+    pin: bytes = DEFAULT_PIN
+    puk: bytes = DEFAULT_PUK
+    pin_retries: int = DEFAULT_RETRIES  # the maximum (reset value)
+    puk_retries: int = DEFAULT_RETRIES
+    pin_left: int = DEFAULT_RETRIES
+    puk_left: int = DEFAULT_RETRIES
+    management_key: bytes = DEFAULT_MANAGEMENT_KEY
+    management_algorithm: int = Algorithm.TDES
+    keys: dict[int, PrivateKey] = field(default_factory=dict)  # key reference -> key
+    objects: dict[int, bytes] = field(default_factory=dict)  # tag -> GET DATA answer
+
+
+def default_objects(certs: dict[int, bytes], guid: bytes) -> dict[int, bytes]:
+    """CCC, CHUID, Discovery, Key History and the certificate objects for ``certs``."""
+    objects: dict[int, bytes] = {
+        ObjectTag.CARD_CAPABILITY_CONTAINER: ccc_object(guid[:14]),
+        ObjectTag.CHUID: chuid_object(guid),
+        ObjectTag.DISCOVERY: discovery_object(),
+        ObjectTag.KEY_HISTORY: key_history_object(
+            sum(1 for slot in certs if slot in RETIRED_SLOTS)),
+    }
+    for slot, der in certs.items():
+        objects[CERT_OBJECTS[slot]] = cert_object(der)
+    return {int(k): v for k, v in objects.items()}
+
+
+def key_algorithm(key: PrivateKey) -> int:
+    """The SP 800-78-4 algorithm identifier of a private key; ValueError if unsupported."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        by_size = {1024: Algorithm.RSA1024, 2048: Algorithm.RSA2048,
+                   3072: Algorithm.RSA3072, 4096: Algorithm.RSA4096}
+        if key.key_size in by_size:
+            return by_size[key.key_size]
+    elif isinstance(key.curve, ec.SECP256R1):
+        return Algorithm.ECCP256
+    elif isinstance(key.curve, ec.SECP384R1):
+        return Algorithm.ECCP384
+    raise ValueError(f"unsupported key type for PIV: {type(key).__name__}")
+
+
+# PKCS#1 v1.5 DigestInfo prefixes (RFC 8017 section 9.2, note 1).
+_DIGEST_INFO: dict[bytes, hashes.HashAlgorithm] = {
+    bytes.fromhex("3021300906052b0e03021a05000414"): hashes.SHA1(),
+    bytes.fromhex("302d300d06096086480165030402040500041c"): hashes.SHA224(),
+    bytes.fromhex("3031300d060960864801650304020105000420"): hashes.SHA256(),
+    bytes.fromhex("3041300d060960864801650304020205000430"): hashes.SHA384(),
+    bytes.fromhex("3051300d060960864801650304020305000440"): hashes.SHA512(),
+}
+_PREFIX_LENGTH = 19  # SHA-1's is 15; all others 19
+
+
+def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
+    """The raw RSA private operation block^d mod n (RFC 8017 section 5.1.2, RSADP/RSASP1).
+
+    Fast path: a PKCS#1 v1.5 type 1 block carrying a known DigestInfo is exactly what
+    OpenSSL's deterministic PKCS#1 v1.5 signature computes, so it is signed there.
+    """
+    k = (key.key_size + 7) // 8
+    if len(block) != k:
+        raise StatusWordError(SW.WRONG_DATA, f"RSA input of {len(block)} bytes, need {k}")
+    if block[:2] == b"\x00\x01":
+        sep = block.find(b"\x00", 2)
+        if sep >= 10 and block[2:sep] == b"\xff" * (sep - 2):
+            info = block[sep + 1:]
+            for prefix_len in (15, _PREFIX_LENGTH):
+                algorithm = _DIGEST_INFO.get(info[:prefix_len])
+                if algorithm is not None and len(info) == prefix_len + algorithm.digest_size:
+                    return key.sign(info[prefix_len:], padding.PKCS1v15(),
+                                    Prehashed(algorithm))
+    numbers = key.private_numbers()
+    n = numbers.public_numbers.n
+    c = int.from_bytes(block, "big")
+    if c >= n:
+        raise StatusWordError(SW.WRONG_DATA, "RSA input not below the modulus")
+    m1 = pow(c, numbers.dmp1, numbers.p)
+    m2 = pow(c, numbers.dmq1, numbers.q)
+    h = (numbers.iqmp * (m1 - m2)) % numbers.p
+    return (m2 + h * numbers.q).to_bytes(k, "big")
+
+
+_ECDSA_BY_SIZE: dict[int, ec.ECDSA] = {
+    32: ec.ECDSA(Prehashed(hashes.SHA256())), 48: ec.ECDSA(Prehashed(hashes.SHA384())),
+}
+
+
+def _ecdsa_sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
+    """ECDSA over a host-computed hash (FIPS 186-4 section 6.4), DER Ecdsa-Sig-Value out.
+
+    The hash is fitted to the field size: left-padded with zeros when shorter (same
+    integer), cut to its leftmost bytes when longer (FIPS 186-4 section 6.4 truncation).
+    """
+    size = (key.curve.key_size + 7) // 8
+    if not digest:
+        raise StatusWordError(SW.WRONG_DATA, "empty ECDSA input")
+    fitted = digest if len(digest) == size else digest[:size].rjust(size, b"\x00")
+    return key.sign(fitted, _ECDSA_BY_SIZE[size])
+
+
+# --- the card ----------------------------------------------------------------------------
+
+INS_SELECT = 0xA4
+INS_GET_DATA = 0xCB
+INS_PUT_DATA = 0xDB
+INS_VERIFY = 0x20
+INS_CHANGE_REFERENCE_DATA = 0x24
+INS_RESET_RETRY_COUNTER = 0x2C
+INS_GENERAL_AUTHENTICATE = 0x87
+INS_GENERATE_KEY_PAIR = 0x47
+INS_SET_MANAGEMENT_KEY = 0xFF  # YubiKey extension
+
+
+def _block_cipher(algorithm: int, key: bytes) -> Cipher[modes.ECB]:
+    if algorithm in (Algorithm.TDES, Algorithm.TDES_DEFAULT):
+        return Cipher(TripleDES(key), modes.ECB())
+    return Cipher(algorithms.AES(key), modes.ECB())
+
+
+_RSA_SIZES: dict[int, int] = {Algorithm.RSA1024: 1024, Algorithm.RSA2048: 2048,
+                              Algorithm.RSA3072: 3072, Algorithm.RSA4096: 4096}
+_MANAGEMENT_KEY_LENGTHS: dict[int, int] = {Algorithm.TDES: 24, Algorithm.AES128: 16,
+                           Algorithm.AES192: 24, Algorithm.AES256: 32}
+
+
+def _template(data: bytes, tag: int) -> list[Tlv]:
+    """The children of the single TLV ``tag`` that must fill ``data`` exactly."""
+    try:
+        outer, end = ber_decode_one(data)
+        if outer.tag != tag or end != len(data):
+            raise StatusWordError(SW.WRONG_DATA, f"expected one {tag:X} template")
+        return ber_decode(outer.value)
+    except DecodeError as exc:
+        raise StatusWordError(SW.WRONG_DATA, str(exc)) from None
+
+
+def _strip_pin(padded: bytes) -> bytes:
+    return padded.rstrip(b"\xff")
+
+
+def _pad_pin(pin: bytes) -> bytes:
+    return pin.ljust(PIN_MAX_LENGTH, b"\xff")
+
+
+def _check_new_reference(value: bytes) -> bytes:
+    stripped = _strip_pin(value)
+    if not PIN_MIN_LENGTH <= len(stripped) <= PIN_MAX_LENGTH or b"\xff" in stripped:
+        raise StatusWordError(SW.WRONG_DATA, "new PIN/PUK must be 6 to 8 bytes")
+    return stripped
+
+
+class PivCard:
+    """An emulated PIV card (implements :class:`ccidemu.card.Card`)."""
+
+    blocking: ClassVar[bool] = False
+    ATR: ClassVar[bytes] = ATR
+
+    def __init__(
+        self,
+        state: PivState,
+        *,
+        on_change: Callable[[PivState], None] | None = None,
+        label: str = "",
+        rng: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.state = state
+        self._on_change = on_change
+        self._label = label
+        self._rng = rng
+        # slot -> (key, algorithm, is RSA): saves the type checks on every signature
+        self._algorithms: dict[int, tuple[PrivateKey, int, bool]] = {}
+        self._dispatcher = IsoDispatcher(
+            {
+                INS_SELECT: self._select,
+                INS_GET_DATA: self._get_data,
+                INS_PUT_DATA: self._put_data,
+                INS_VERIFY: self._verify,
+                INS_CHANGE_REFERENCE_DATA: self._change_reference_data,
+                INS_RESET_RETRY_COUNTER: self._reset_retry_counter,
+                INS_GENERAL_AUTHENTICATE: self._general_authenticate,
+                INS_GENERATE_KEY_PAIR: self._generate,
+                INS_SET_MANAGEMENT_KEY: self._set_management_key,
+            },
+            chaining=(INS_PUT_DATA, INS_GENERAL_AUTHENTICATE, INS_GET_DATA),
+        )
+        self._reset_security()
+
+    # -- Card protocol --
+
+    @property
+    def name(self) -> str:
+        return "PIV" + (f" ({self._label})" if self._label else "")
+
+    def power_on(self) -> bytes:
+        self._reset_security()
+        return ATR
+
+    def power_off(self) -> None:
+        self._reset_security()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        return self._dispatcher.process(apdu)
+
+    # -- helpers --
+
+    def _reset_security(self) -> None:
+        self.pin_verified = False
+        self.pin_always = False
+        self.admin = False
+        self._witness: bytes | None = None
+        self._challenge: bytes | None = None
+        self._dispatcher.reset()
+
+    def _changed(self) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(self.state)
+        except Exception as exc:
+            log.error("could not save the PIV card state: %s", exc)
+            raise StatusWordError(SW.MEMORY_FAILURE, "state not saved") from None
+
+    def _require_admin(self) -> None:
+        if not self.admin:
+            raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "management key needed")
+
+    # -- SELECT (part 2 section 3.1.1) --
+
+    def _select(self, cmd: CommandApdu) -> bytes:
+        if cmd.p1 != 0x04:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        if len(cmd.data) < MIN_SELECT_AID or not PIV_AID.startswith(cmd.data):
+            raise StatusWordError(SW.FILE_NOT_FOUND)
+        self._witness = self._challenge = None
+        return application_property_template(self._label)
+
+    # -- GET DATA / PUT DATA (part 2 sections 3.1.2 and 3.3.2) --
+
+    @staticmethod
+    def _tag_list(value: bytes) -> int:
+        if not 1 <= len(value) <= 3:
+            raise StatusWordError(SW.WRONG_DATA, "bad tag list")
+        return int.from_bytes(value, "big")
+
+    def _get_data(self, cmd: CommandApdu) -> bytes:
+        if (cmd.p1, cmd.p2) != (0x3F, 0xFF):
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        try:
+            tlv, end = ber_decode_one(cmd.data)
+        except DecodeError:
+            raise StatusWordError(SW.WRONG_DATA) from None
+        if tlv.tag != 0x5C or end != len(cmd.data):
+            raise StatusWordError(SW.WRONG_DATA, "GET DATA needs one 5C tag list")
+        tag = self._tag_list(tlv.value)
+        if tag in PIN_PROTECTED_OBJECTS and not self.pin_verified:
+            raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED)
+        found = self.state.objects.get(tag)
+        if found is None:
+            raise StatusWordError(SW.FILE_NOT_FOUND)
+        return found
+
+    def _put_data(self, cmd: CommandApdu) -> bytes:
+        if (cmd.p1, cmd.p2) != (0x3F, 0xFF):
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        self._require_admin()
+        try:
+            tags, end = ber_decode_one(cmd.data)
+            obj, end2 = ber_decode_one(cmd.data, end)
+        except DecodeError:
+            raise StatusWordError(SW.WRONG_DATA) from None
+        if tags.tag != 0x5C or end2 != len(cmd.data):
+            raise StatusWordError(SW.WRONG_DATA, "PUT DATA needs 5C tag then one object")
+        tag = self._tag_list(tags.value)
+        if not is_valid_object_tag(tag):
+            raise StatusWordError(SW.WRONG_DATA, f"unknown object {tag:X}")
+        expected = tag if tag in (ObjectTag.DISCOVERY, ObjectTag.BIOMETRIC_GROUP) else 0x53
+        if obj.tag != expected:
+            raise StatusWordError(SW.WRONG_DATA, f"object {tag:X} must be sent as {expected:X}")
+        if obj.value:
+            self.state.objects[tag] = obj.encode()
+        else:
+            self.state.objects.pop(tag, None)
+        self._changed()
+        return b""
+
+    # -- VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER (part 2 sections 3.2.1-3.2.3) --
+
+    def _verify(self, cmd: CommandApdu) -> bytes:
+        if cmd.p2 != KeyRef.PIN:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
+        if cmd.p1 == 0xFF:
+            if cmd.data:
+                raise StatusWordError(SW.WRONG_DATA)
+            self.pin_verified = self.pin_always = False
+            return b""
+        if cmd.p1 != 0x00:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        state = self.state
+        if state.pin_left <= 0:
+            raise StatusWordError(SW.AUTH_METHOD_BLOCKED)
+        if not cmd.data:
+            if self.pin_verified:
+                return b""
+            raise StatusWordError(0x63C0 | min(state.pin_left, 15))
+        if len(cmd.data) != PIN_MAX_LENGTH:
+            raise StatusWordError(SW.WRONG_DATA, "PIN must be padded to 8 bytes")
+        if not hmac.compare_digest(cmd.data, _pad_pin(state.pin)):
+            self.pin_verified = self.pin_always = False
+            state.pin_left -= 1
+            self._changed()
+            raise StatusWordError(0x63C0 | min(state.pin_left, 15))
+        self.pin_verified = self.pin_always = True
+        if state.pin_left != state.pin_retries:
+            state.pin_left = state.pin_retries
+            self._changed()
+        return b""
+
+    def _check_reference(self, ref: int, given: bytes) -> None:
+        """Compare ``given`` (8 bytes padded) with PIN or PUK, counting failures."""
+        state = self.state
+        left = state.pin_left if ref == KeyRef.PIN else state.puk_left
+        if left <= 0:
+            raise StatusWordError(SW.AUTH_METHOD_BLOCKED)
+        current = state.pin if ref == KeyRef.PIN else state.puk
+        if hmac.compare_digest(given, _pad_pin(current)):
+            return
+        left -= 1
+        if ref == KeyRef.PIN:
+            state.pin_left = left
+            self.pin_verified = self.pin_always = False
+        else:
+            state.puk_left = left
+        self._changed()
+        raise StatusWordError(0x63C0 | min(left, 15))
+
+    def _change_reference_data(self, cmd: CommandApdu) -> bytes:
+        if cmd.p1 != 0x00:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        if cmd.p2 not in (KeyRef.PIN, KeyRef.PUK):
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
+        if len(cmd.data) != 2 * PIN_MAX_LENGTH:
+            raise StatusWordError(SW.WRONG_DATA, "old and new value, 8 bytes each")
+        new = _check_new_reference(cmd.data[8:])
+        self._check_reference(cmd.p2, cmd.data[:8])
+        if cmd.p2 == KeyRef.PIN:
+            self.state.pin = new
+            self.state.pin_left = self.state.pin_retries
+        else:
+            self.state.puk = new
+            self.state.puk_left = self.state.puk_retries
+        self._changed()
+        return b""
+
+    def _reset_retry_counter(self, cmd: CommandApdu) -> bytes:
+        if cmd.p1 != 0x00:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        if cmd.p2 != KeyRef.PIN:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
+        if len(cmd.data) != 2 * PIN_MAX_LENGTH:
+            raise StatusWordError(SW.WRONG_DATA, "PUK and new PIN, 8 bytes each")
+        new = _check_new_reference(cmd.data[8:])
+        self._check_reference(KeyRef.PUK, cmd.data[:8])
+        self.state.pin = new
+        self.state.pin_left = self.state.pin_retries
+        self.state.puk_left = self.state.puk_retries
+        self._changed()
+        return b""
+
+    # -- GENERAL AUTHENTICATE (part 2 section 3.2.4) --
+
+    def _general_authenticate(self, cmd: CommandApdu) -> bytes:
+        fields: dict[int, bytes] = {}
+        for item in _template(cmd.data, 0x7C):
+            if item.tag in fields:
+                raise StatusWordError(SW.WRONG_DATA, f"tag {item.tag:X} repeated")
+            fields[item.tag] = item.value
+        slot = cmd.p2
+        if slot == 0x9B:  # KeyRef.MANAGEMENT
+            return self._management_auth(cmd.p1, fields)
+        if slot not in _ASYMMETRIC_SLOT_SET:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
+        key = self.state.keys.get(slot)
+        if key is None:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {slot:02X}")
+        cached = self._algorithms.get(slot)
+        if cached is None or cached[0] is not key:
+            cached = self._algorithms[slot] = (
+                key, key_algorithm(key), isinstance(key, rsa.RSAPrivateKey))
+        _, algorithm, is_rsa = cached
+        if cmd.p1 != algorithm:
+            raise StatusWordError(SW.INCORRECT_P1P2, "algorithm does not match the key")
+        if fields.get(0x82) != b"" or len(fields) != 2:
+            raise StatusWordError(SW.WRONG_DATA, "expected 82 00 with 81 or 85")
+        self._check_key_access(slot)
+        data = fields.get(0x81)
+        if data is not None:
+            if is_rsa:
+                result = _raw_rsa(cast(rsa.RSAPrivateKey, key), data)
+            else:
+                result = _ecdsa_sign(cast(ec.EllipticCurvePrivateKey, key), data)
+        elif 0x85 in fields and not is_rsa:
+            result = self._ecdh(cast(ec.EllipticCurvePrivateKey, key), fields[0x85])
+        else:
+            raise StatusWordError(SW.WRONG_DATA, "expected one of 81 or 85")
+        inner = b"\x82" + ber_length(len(result)) + result
+        return b"\x7c" + ber_length(len(inner)) + inner
+
+    def _check_key_access(self, slot: int) -> None:
+        """Access rules (SP 800-73-4 part 1 table 4b): 9E none, 9C PIN always, else PIN."""
+        if slot == 0x9E:  # KeyRef.CARD_AUTHENTICATION
+            return
+        if slot == 0x9C:  # KeyRef.SIGNATURE
+            if not self.pin_always:
+                raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN always")
+            self.pin_always = False
+            return
+        if not self.pin_verified:
+            raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
+
+    @staticmethod
+    def _ecdh(key: ec.EllipticCurvePrivateKey, point: bytes) -> bytes:
+        """ECC CDH (SP 800-56A section 5.7.1.2): the x coordinate of d * Q."""
+        try:
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, point)
+            return key.exchange(ec.ECDH(), peer)
+        except (ValueError, InvalidKey, UnsupportedAlgorithm):
+            raise StatusWordError(SW.WRONG_DATA, "bad peer point") from None
+
+    def _management_auth(self, algorithm: int, fields: dict[int, bytes]) -> bytes:
+        """Card management key authentication (part 2 appendix A.1, flows of table 7).
+
+        mutual:   {80 00} -> {80 E(W)};  {80 W, 81 C [, 82 00]} -> {82 E(C)}, admin
+        external: {81 00} -> {81 C};     {82 E(C)} -> (empty), admin
+        internal: {81 C, 82 00} -> {82 E(C)} (the card proves the key; no state change)
+        """
+        state = self.state
+        if algorithm != state.management_algorithm and not (
+            algorithm == Algorithm.TDES_DEFAULT and state.management_algorithm == Algorithm.TDES
+        ):
+            raise StatusWordError(SW.INCORRECT_P1P2, "management key algorithm mismatch")
+        cipher = _block_cipher(state.management_algorithm, state.management_key)
+        block = 8 if state.management_algorithm == Algorithm.TDES else 16
+
+        def encrypt(data: bytes) -> bytes:
+            enc = cipher.encryptor()
+            return enc.update(data) + enc.finalize()
+
+        witness, challenge, response = fields.get(0x80), fields.get(0x81), fields.get(0x82)
+        if set(fields) - {0x80, 0x81, 0x82}:
+            raise StatusWordError(SW.WRONG_DATA)
+        if witness == b"" and challenge is None and response is None:
+            self.admin = False
+            self._witness = self._rng(block)
+            self._challenge = None
+            return ber_encode(0x7C, ber_encode(0x80, encrypt(self._witness)))
+        if witness and challenge and response in (None, b""):
+            expected, self._witness = self._witness, None
+            if expected is None or not hmac.compare_digest(witness, expected):
+                self.admin = False
+                raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "bad witness")
+            if len(challenge) != block:
+                raise StatusWordError(SW.WRONG_DATA)
+            self.admin = True
+            return ber_encode(0x7C, ber_encode(0x82, encrypt(challenge)))
+        if challenge == b"" and witness is None and response is None:
+            self.admin = False
+            self._challenge = self._rng(block)
+            self._witness = None
+            return ber_encode(0x7C, ber_encode(0x81, self._challenge))
+        if response and witness is None and challenge is None:
+            sent, self._challenge = self._challenge, None
+            if sent is None or not hmac.compare_digest(response, encrypt(sent)):
+                self.admin = False
+                raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "bad response")
+            self.admin = True
+            return b""
+        if challenge and response == b"" and witness is None:
+            if len(challenge) != block:
+                raise StatusWordError(SW.WRONG_DATA)
+            return ber_encode(0x7C, ber_encode(0x82, encrypt(challenge)))
+        raise StatusWordError(SW.WRONG_DATA, "unknown authentication step")
+
+    # -- GENERATE ASYMMETRIC KEY PAIR (part 2 section 3.3.2) --
+
+    def _generate(self, cmd: CommandApdu) -> bytes:
+        if cmd.p1 != 0x00:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        if cmd.p2 not in ASYMMETRIC_SLOTS:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        self._require_admin()
+        items = {t.tag: t.value for t in _template(cmd.data, 0xAC)}
+        algorithm = items.get(0x80)
+        if algorithm is None or len(algorithm) != 1:
+            raise StatusWordError(SW.WRONG_DATA, "missing 80 algorithm")
+        key: PrivateKey
+        match algorithm[0]:
+            case Algorithm.RSA1024 | Algorithm.RSA2048 | Algorithm.RSA3072 | Algorithm.RSA4096:
+                size = _RSA_SIZES[algorithm[0]]
+                key = rsa.generate_private_key(public_exponent=65537, key_size=size)
+            case Algorithm.ECCP256:
+                key = ec.generate_private_key(ec.SECP256R1())
+            case Algorithm.ECCP384:
+                key = ec.generate_private_key(ec.SECP384R1())
+            case _:
+                raise StatusWordError(SW.WRONG_DATA, f"algorithm {algorithm[0]:02X}")
+        self.state.keys[cmd.p2] = key
+        self._changed()
+        return public_key_template(key)
+
+    # -- SET MANAGEMENT KEY (YubiKey extension: FF FF FF, data alg 9B len key) --
+
+    def _set_management_key(self, cmd: CommandApdu) -> bytes:
+        if cmd.p1 != 0xFF or cmd.p2 not in (0xFF, 0xFE):
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        self._require_admin()
+        data = cmd.data
+        if len(data) < 3 or data[1] != KeyRef.MANAGEMENT or data[2] != len(data) - 3:
+            raise StatusWordError(SW.WRONG_DATA)
+        algorithm = Algorithm.TDES if data[0] == Algorithm.TDES_DEFAULT else data[0]
+        if _MANAGEMENT_KEY_LENGTHS.get(algorithm) != data[2]:
+            raise StatusWordError(SW.WRONG_DATA, "key length does not fit the algorithm")
+        self.state.management_key = bytes(data[3:])
+        self.state.management_algorithm = algorithm
+        self._changed()
+        return b""
+
+
+def public_key_template(key: PrivateKey) -> bytes:
+    """7F49 public key template (part 2 table 11): RSA 81 n, 82 e; ECC 86 point."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.public_key().public_numbers()
+        n = numbers.n.to_bytes((key.key_size + 7) // 8, "big")
+        e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
+        return ber_encode(0x7F49, ber_encode(0x81, n) + ber_encode(0x82, e))
+    point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    return ber_encode(0x7F49, ber_encode(0x86, point))

@@ -1,0 +1,541 @@
+"""Loading the emulated PIV card from certificate/key files and persisting its state.
+
+``--card piv:ARGUMENT``:
+
+* ``piv:`` (empty): the demo card, the repository's ``fixtures/certs/`` directory.
+* ``piv:DIR``: a directory with files named by slot (key reference in hex, any case):
+  ``<slot>.crt`` / ``.pem`` / ``.cer`` / ``.der`` (certificate, PEM or DER) with
+  ``<slot>.key`` (private key: PEM or DER, PKCS#8 or traditional, encrypted or not),
+  or ``<slot>.p12`` / ``.pfx`` (PKCS#12 bundle).  ``<slot>.pass`` holds the passphrase
+  of an encrypted key or bundle (first line).  Slots: 9a 9c 9d 9e and retired 82-95.
+  PIN, PUK and management key are the PIV defaults (123456, 12345678, 3DES 0102..08).
+* ``piv:FILE.toml``: a card profile (paths relative to the file)::
+
+      pin = "123456"                # optional, the defaults shown
+      puk = "12345678"
+      pin_retries = 3
+      puk_retries = 3
+      management_key = "010203040506070801020304050607080102030405060708"
+      management_key_algorithm = "3des"     # or aes128, aes192, aes256
+      guid = "00112233445566778899aabbccddeeff"   # CHUID GUID (OpenSC's token serial)
+      serial = 1234                 # used for the GUID when guid is absent
+      label = "my test card"
+      [slots.9a]
+      cert = "9a.crt"
+      key = "9a.key"
+      passphrase = "secret"         # or passphrase_file = "9a.pass"
+      [slots.9c]
+      p12 = "9c.p12"
+      [objects]                     # optional extra objects: tag (hex) = file with
+      5fc109 = "printed.bin"        # the object's value (inside the 53 wrapper)
+
+State that commands change (PIN, PUK, retry counters, management key, generated keys,
+objects written with PUT DATA) is saved in ``CardOptions.state_dir`` as
+``piv-<hash of the argument>.json`` after every change, atomically (temporary file,
+fsync, rename).  Keys and objects are saved only where they differ from the files, so
+later edits of the certificate files still show.  Delete the state file to start over.
+``read_only`` keeps changes in memory; ``state_dir=None`` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedAlgorithmError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from ccidemu.card import Card
+from ccidemu.cards import CardOptions
+from ccidemu.cards.piv import (
+    ASYMMETRIC_SLOTS,
+    DEFAULT_MANAGEMENT_KEY,
+    DEFAULT_PIN,
+    DEFAULT_PUK,
+    DEFAULT_RETRIES,
+    PIN_MAX_LENGTH,
+    PIN_MIN_LENGTH,
+    Algorithm,
+    PivCard,
+    PivState,
+    PrivateKey,
+    default_objects,
+    is_valid_object_tag,
+    key_algorithm,
+)
+from ccidemu.errors import ConfigError
+from ccidemu.tlv import ber_encode
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+CERT_SUFFIXES = (".crt", ".pem", ".cer", ".der")
+P12_SUFFIXES = (".p12", ".pfx")
+MANAGEMENT_ALGORITHMS = {
+    "3des": (Algorithm.TDES, 24), "tdes": (Algorithm.TDES, 24),
+    "aes128": (Algorithm.AES128, 16), "aes192": (Algorithm.AES192, 24),
+    "aes256": (Algorithm.AES256, 32),
+}
+_PROFILE_KEYS = {"pin", "puk", "pin_retries", "puk_retries", "management_key",
+                 "management_key_algorithm", "guid", "serial", "label", "slots", "objects"}
+_SLOT_KEYS = {"cert", "key", "p12", "passphrase", "passphrase_file"}
+
+
+def demo_directory() -> Path:
+    """The demo card's files: ``fixtures/certs`` of the source tree this module lives in."""
+    return Path(__file__).resolve().parents[2] / "fixtures" / "certs"
+
+
+@dataclass
+class CardConfig:
+    """What the files say: the card's initial state, before any saved changes."""
+
+    source: str  # what the state file is keyed by (resolved path)
+    label: str
+    state: PivState
+    certs: dict[int, bytes] = field(default_factory=dict)
+
+
+# --- reading keys and certificates ---------------------------------------------------
+
+
+def _read(path: Path, slot: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"slot {slot}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def load_certificate(path: Path, slot: str) -> x509.Certificate:
+    """A PEM or DER X.509 certificate; ConfigError naming the file and the slot."""
+    data = _read(path, slot)
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(f"slot {slot}: {path} is not an X.509 certificate: {exc}") from None
+
+
+def _check_key_type(key: object, path: Path, slot: str) -> PrivateKey:
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"slot {slot}: {path}: {type(key).__name__} is not RSA or ECC")
+    try:
+        key_algorithm(key)
+    except ValueError as exc:
+        raise ConfigError(f"slot {slot}: {path}: {exc} (RSA 1024-4096, P-256, P-384)") from None
+    return key
+
+
+def load_private_key(path: Path, slot: str, passphrase: bytes | None = None) -> PrivateKey:
+    """PEM or DER, PKCS#8 or traditional, encrypted or not; ConfigError naming file + slot."""
+    data = _read(path, slot)
+    loader = (serialization.load_pem_private_key if b"-----BEGIN" in data
+              else serialization.load_der_private_key)
+    try:
+        key = loader(data, passphrase)
+    except TypeError:
+        if passphrase is None:
+            raise ConfigError(
+                f"slot {slot}: {path} is encrypted and no passphrase was given") from None
+        try:  # a passphrase for an unencrypted key: harmless
+            key = loader(data, None)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"slot {slot}: cannot load key {path}: {exc}") from None
+    except ValueError as exc:
+        why = "wrong passphrase or not a private key" if passphrase else "not a private key"
+        raise ConfigError(f"slot {slot}: cannot load key {path} ({why}): {exc}") from None
+    except UnsupportedAlgorithmError as exc:
+        raise ConfigError(f"slot {slot}: {path}: unsupported key: {exc}") from None
+    return _check_key_type(key, path, slot)
+
+
+def load_pkcs12(path: Path, slot: str, passphrase: bytes | None
+                ) -> tuple[PrivateKey, x509.Certificate]:
+    """The key and certificate of a PKCS#12 bundle; ConfigError naming file + slot."""
+    data = _read(path, slot)
+    try:
+        key, cert, _ = pkcs12.load_key_and_certificates(data, passphrase)
+    except ValueError as exc:
+        raise ConfigError(
+            f"slot {slot}: cannot open PKCS#12 {path} (wrong passphrase?): {exc}") from None
+    except UnsupportedAlgorithmError as exc:
+        raise ConfigError(f"slot {slot}: {path}: unsupported: {exc}") from None
+    if key is None or cert is None:
+        raise ConfigError(f"slot {slot}: {path} lacks a private key or a certificate")
+    return _check_key_type(key, path, slot), cert
+
+
+def _spki(public_key: Any) -> bytes:
+    data: bytes = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return data
+
+
+def check_pair(key: PrivateKey, cert: x509.Certificate, slot: str, where: Path) -> None:
+    """ConfigError unless the certificate's public key is the key's."""
+    if _spki(key.public_key()) != _spki(cert.public_key()):
+        raise ConfigError(f"slot {slot}: the certificate and key in {where} do not match")
+
+
+def _slot_number(name: str) -> int | None:
+    try:
+        value = int(name, 16)
+    except ValueError:
+        return None
+    return value if value in ASYMMETRIC_SLOTS and len(name) == 2 else None
+
+
+# --- directory and profile ---------------------------------------------------------
+
+
+def _passphrase_file(path: Path, slot: str) -> bytes:
+    lines = _read(path, slot).splitlines()
+    return lines[0] if lines else b""
+
+
+def load_directory(directory: Path) -> CardConfig:
+    """A card from ``<slot>.crt``/``.key``/``.p12`` files (see the module docstring)."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory")
+    by_slot: dict[int, dict[str, Path]] = {}
+    for path in sorted(directory.iterdir()):
+        slot = _slot_number(path.stem.lower())
+        if slot is None or not path.is_file():
+            continue
+        suffix = path.suffix.lower()
+        kind = ("cert" if suffix in CERT_SUFFIXES else "key" if suffix == ".key"
+                else "p12" if suffix in P12_SUFFIXES else "pass" if suffix == ".pass" else None)
+        if kind is None:
+            continue
+        found = by_slot.setdefault(slot, {})
+        if kind in found:
+            raise ConfigError(
+                f"slot {slot:02x}: both {found[kind].name} and {path.name} in {directory}")
+        found[kind] = path
+    state = PivState()
+    certs: dict[int, bytes] = {}
+    for slot, files in sorted(by_slot.items()):
+        name = f"{slot:02x}"
+        passphrase = _passphrase_file(files["pass"], name) if "pass" in files else None
+        if "p12" in files:
+            if "cert" in files or "key" in files:
+                raise ConfigError(f"slot {name}: give either {files['p12'].name} or "
+                                  f"certificate + key files in {directory}, not both")
+            key, cert = load_pkcs12(files["p12"], name, passphrase)
+            check_pair(key, cert, name, files["p12"])
+        elif "cert" in files and "key" in files:
+            cert = load_certificate(files["cert"], name)
+            key = load_private_key(files["key"], name, passphrase)
+            check_pair(key, cert, name, files["key"])
+        elif "cert" in files:
+            raise ConfigError(f"slot {name}: {files['cert']} has no key file "
+                              f"({name}.key) in {directory}")
+        elif "key" in files:
+            raise ConfigError(f"slot {name}: {files['key']} has no certificate file "
+                              f"({name}.crt) in {directory}")
+        else:
+            continue
+        state.keys[slot] = key
+        certs[slot] = cert.public_bytes(serialization.Encoding.DER)
+    source = str(directory.resolve())
+    guid = hashlib.sha256(b"ccidemu-piv-guid:" + source.encode()).digest()[:16]
+    state.objects = default_objects(certs, guid)
+    return CardConfig(source, directory.resolve().name, state, certs)
+
+
+def _reference(value: Any, what: str, path: Path) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {what} must be a string")
+    raw = value.encode()
+    if not PIN_MIN_LENGTH <= len(raw) <= PIN_MAX_LENGTH or b"\xff" in raw:
+        raise ConfigError(f"{path}: {what} must be 6 to 8 characters")
+    return raw
+
+
+def _retries(value: Any, what: str, path: Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 15:
+        raise ConfigError(f"{path}: {what} must be an integer from 1 to 15")
+    return value
+
+
+def _hex(value: Any, what: str, path: Path) -> bytes:
+    try:
+        return bytes.fromhex(str(value))
+    except ValueError:
+        raise ConfigError(f"{path}: {what} is not hex: {value!r}") from None
+
+
+def load_profile(path: Path) -> CardConfig:
+    """A card from a TOML profile (see the module docstring)."""
+    try:
+        profile = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read card profile {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"card profile {path} is not valid TOML: {exc}") from None
+    unknown = set(profile) - _PROFILE_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    base = path.parent
+    state = PivState(
+        pin=_reference(profile.get("pin", DEFAULT_PIN.decode()), "pin", path),
+        puk=_reference(profile.get("puk", DEFAULT_PUK.decode()), "puk", path),
+        pin_retries=_retries(profile.get("pin_retries", DEFAULT_RETRIES), "pin_retries", path),
+        puk_retries=_retries(profile.get("puk_retries", DEFAULT_RETRIES), "puk_retries", path),
+    )
+    state.pin_left, state.puk_left = state.pin_retries, state.puk_retries
+    algorithm_name = str(profile.get("management_key_algorithm", "3des")).lower()
+    if algorithm_name not in MANAGEMENT_ALGORITHMS:
+        raise ConfigError(f"{path}: management_key_algorithm {algorithm_name!r} is not one of "
+                          f"{', '.join(MANAGEMENT_ALGORITHMS)}")
+    algorithm, key_length = MANAGEMENT_ALGORITHMS[algorithm_name]
+    management_key = (_hex(profile["management_key"], "management_key", path)
+                      if "management_key" in profile else DEFAULT_MANAGEMENT_KEY)
+    if len(management_key) != key_length:
+        raise ConfigError(f"{path}: management_key must be {key_length} bytes for "
+                          f"{algorithm_name}")
+    state.management_key, state.management_algorithm = management_key, algorithm
+    slots = profile.get("slots", {})
+    if not isinstance(slots, dict):
+        raise ConfigError(f"{path}: [slots] must be a table")
+    certs: dict[int, bytes] = {}
+    for name, entry in slots.items():
+        slot = _slot_number(str(name).lower())
+        if slot is None:
+            raise ConfigError(f"{path}: [slots.{name}] is not a PIV key slot (9a 9c 9d 9e 82-95)")
+        name = f"{slot:02x}"
+        if not isinstance(entry, dict) or set(entry) - _SLOT_KEYS:
+            raise ConfigError(f"{path}: [slots.{name}] takes only {', '.join(sorted(_SLOT_KEYS))}")
+        passphrase: bytes | None = None
+        if "passphrase" in entry:
+            passphrase = str(entry["passphrase"]).encode()
+        elif "passphrase_file" in entry:
+            passphrase = _passphrase_file(base / str(entry["passphrase_file"]), name)
+        if "p12" in entry:
+            if "cert" in entry or "key" in entry:
+                raise ConfigError(f"{path}: [slots.{name}] has p12 and cert/key")
+            p12 = base / str(entry["p12"])
+            key, cert = load_pkcs12(p12, name, passphrase)
+            check_pair(key, cert, name, p12)
+        elif "cert" in entry and "key" in entry:
+            cert = load_certificate(base / str(entry["cert"]), name)
+            key_path = base / str(entry["key"])
+            key = load_private_key(key_path, name, passphrase)
+            check_pair(key, cert, name, key_path)
+        else:
+            raise ConfigError(f"{path}: [slots.{name}] needs cert and key, or p12")
+        state.keys[slot] = key
+        certs[slot] = cert.public_bytes(serialization.Encoding.DER)
+    source = str(path.resolve())
+    if "guid" in profile:
+        guid = _hex(profile["guid"], "guid", path)
+        if len(guid) != 16:
+            raise ConfigError(f"{path}: guid must be 16 bytes (32 hex digits)")
+    elif "serial" in profile:
+        guid = hashlib.sha256(f"ccidemu-piv-serial:{profile['serial']}".encode()).digest()[:16]
+    else:
+        guid = hashlib.sha256(b"ccidemu-piv-guid:" + source.encode()).digest()[:16]
+    state.objects = default_objects(certs, guid)
+    objects = profile.get("objects", {})
+    if not isinstance(objects, dict):
+        raise ConfigError(f"{path}: [objects] must be a table")
+    for tag_text, file_name in objects.items():
+        tag = int.from_bytes(_hex(tag_text, f"object tag {tag_text}", path), "big")
+        if not is_valid_object_tag(tag) or tag in (0x7E, 0x7F61):
+            raise ConfigError(f"{path}: [objects] {tag_text} is not a PIV data object tag")
+        value = _read(base / str(file_name), f"object {tag_text}")
+        state.objects[tag] = ber_encode(0x53, value)
+    label = str(profile.get("label", path.stem))
+    return CardConfig(source, label, state, certs)
+
+
+def load_config(argument: str) -> CardConfig:
+    """The card an argument of ``piv:`` names (empty = the demo card)."""
+    if not argument:
+        directory = demo_directory()
+        if not directory.is_dir():
+            raise ConfigError(f"the demo PIV card needs {directory} (a source checkout); "
+                              "give piv:DIR or piv:PROFILE.toml")
+        config = load_directory(directory)
+        config.label = "demo"
+        return config
+    path = Path(argument).expanduser()
+    if path.is_dir():
+        return load_directory(path)
+    if path.suffix.lower() == ".toml":
+        return load_profile(path)
+    if not path.exists():
+        raise ConfigError(f"piv:{argument}: no such directory or profile")
+    raise ConfigError(f"piv:{argument}: give a directory of slot files or a .toml profile")
+
+
+# --- state persistence -------------------------------------------------------------
+
+
+def state_path(state_dir: Path, source: str) -> Path:
+    """``piv-<16 hex of sha256(source)>.json`` in ``state_dir``."""
+    return state_dir / f"piv-{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
+
+
+def _key_pem(key: PrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def state_to_json(state: PivState, initial: PivState, source: str) -> dict[str, Any]:
+    """The saved form: counters and secrets always, keys/objects where they differ."""
+    initial_keys = {slot: _key_pem(k) for slot, k in initial.keys.items()}
+    keys: dict[str, str | None] = {}
+    for slot, key in state.keys.items():
+        pem = _key_pem(key)
+        if initial_keys.get(slot) != pem:
+            keys[f"{slot:02x}"] = pem
+    for slot in initial.keys.keys() - state.keys.keys():
+        keys[f"{slot:02x}"] = None
+    objects: dict[str, str | None] = {}
+    for tag, value in state.objects.items():
+        if initial.objects.get(tag) != value:
+            objects[f"{tag:x}"] = value.hex()
+    for tag in initial.objects.keys() - state.objects.keys():
+        objects[f"{tag:x}"] = None
+    return {
+        "format": STATE_FORMAT,
+        "card": source,
+        "pin": state.pin.hex(),
+        "puk": state.puk.hex(),
+        "pin_retries": state.pin_retries,
+        "puk_retries": state.puk_retries,
+        "pin_left": state.pin_left,
+        "puk_left": state.puk_left,
+        "management_key": state.management_key.hex(),
+        "management_algorithm": int(state.management_algorithm),
+        "keys": keys,
+        "objects": objects,
+    }
+
+
+def state_from_json(data: Any, initial: PivState) -> PivState:
+    """Apply a saved form to the initial state.  KeyError/ValueError/TypeError if bad."""
+    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+        raise ValueError("not a ccidemu PIV state (format 1)")
+    state = replace(initial, keys=dict(initial.keys), objects=dict(initial.objects))
+    state.pin = bytes.fromhex(data["pin"])
+    state.puk = bytes.fromhex(data["puk"])
+    for name in ("pin_retries", "puk_retries", "pin_left", "puk_left"):
+        value = data[name]
+        if not isinstance(value, int) or not 0 <= value <= 15:
+            raise ValueError(f"{name} {value!r} out of range")
+        setattr(state, name, value)
+    for value in (state.pin, state.puk):
+        if not PIN_MIN_LENGTH <= len(value) <= PIN_MAX_LENGTH or b"\xff" in value:
+            raise ValueError("PIN/PUK must be 6 to 8 bytes")
+    if state.pin_left > state.pin_retries or state.puk_left > state.puk_retries:
+        raise ValueError("more tries left than the maximum")
+    state.management_key = bytes.fromhex(data["management_key"])
+    state.management_algorithm = Algorithm(data["management_algorithm"])
+    lengths = {a: n for a, n in MANAGEMENT_ALGORITHMS.values()}
+    if lengths.get(state.management_algorithm) != len(state.management_key):
+        raise ValueError("management key length does not fit its algorithm")
+    for slot_text, pem in dict(data["keys"]).items():
+        slot = int(slot_text, 16)
+        if slot not in ASYMMETRIC_SLOTS:
+            raise ValueError(f"bad slot {slot_text}")
+        if pem is None:
+            state.keys.pop(slot, None)
+            continue
+        key = serialization.load_pem_private_key(pem.encode(), None)
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ValueError(f"slot {slot_text}: unsupported key")
+        key_algorithm(key)
+        state.keys[slot] = key
+    for tag_text, value in dict(data["objects"]).items():
+        tag = int(tag_text, 16)
+        if value is None:
+            state.objects.pop(tag, None)
+        else:
+            state.objects[tag] = bytes.fromhex(value)
+    return state
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half.
+
+    Temporary file in the same directory, fsync, ``os.replace``, fsync of the directory.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class StateStore:
+    """Loads and saves one card's state file (``None`` path = memory only)."""
+
+    def __init__(self, path: Path | None, initial: PivState, source: str) -> None:
+        self.path = path
+        self._initial = initial
+        self._source = source
+
+    def load(self) -> PivState:
+        """The saved state applied to the initial one; ConfigError naming a corrupt file."""
+        fresh = replace(self._initial, keys=dict(self._initial.keys),
+                        objects=dict(self._initial.objects))
+        if self.path is None or not self.path.exists():
+            return fresh
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            state = state_from_json(data, self._initial)
+        except OSError as exc:
+            raise ConfigError(f"cannot read PIV card state {self.path}: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError,
+                UnsupportedAlgorithmError) as exc:
+            raise ConfigError(f"PIV card state {self.path} is corrupt ({exc}); "
+                              "delete it to start from the card files") from None
+        log.info("PIV card state loaded from %s", self.path)
+        return state
+
+    def save(self, state: PivState) -> None:
+        if self.path is None:
+            return
+        payload = json.dumps(state_to_json(state, self._initial, self._source), indent=1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, payload.encode() + b"\n")
+        with contextlib.suppress(OSError):
+            self.path.chmod(0o600)
+        log.debug("PIV card state saved to %s", self.path)
+
+
+def open_piv_card(argument: str, options: CardOptions) -> Card:
+    """The ``piv:`` card factory (see the module docstring for the argument)."""
+    config = load_config(argument)
+    path = (None if options.state_dir is None
+            else state_path(Path(options.state_dir), config.source))
+    store = StateStore(path, config.state, config.source)
+    state = store.load()
+    on_change = None if options.read_only or path is None else store.save
+    return PivCard(state, on_change=on_change, label=config.label)

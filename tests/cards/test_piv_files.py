@@ -1,0 +1,377 @@
+"""Loading the PIV card from files (directory convention, TOML profile) and its saved state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ccidemu.apdu import CommandApdu
+from ccidemu.cards import CardOptions, open_card
+from ccidemu.cards.piv import PivCard
+from ccidemu.cards.piv_files import demo_directory, load_directory, load_profile, state_path
+from ccidemu.errors import ConfigError
+from ccidemu.tlv import ber_encode, ber_find
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
+PIN = b"123456".ljust(8, b"\xff")
+MGMT = bytes.fromhex("010203040506070801020304050607080102030405060708")
+
+
+def _key(slot: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key((FIXTURES / f"{slot}.key").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    return key
+
+
+def _cert(slot: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((FIXTURES / f"{slot}.crt").read_bytes())
+
+
+def _public(key: object) -> bytes:
+    data: bytes = key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return data
+
+
+def _piv(card: object) -> PivCard:
+    assert isinstance(card, PivCard)
+    return card
+
+
+def _tx(card: PivCard, apdu: CommandApdu | str) -> bytes:
+    raw = apdu.encode() if isinstance(apdu, CommandApdu) else bytes.fromhex(apdu)
+    return card.transmit(raw)
+
+
+# --- key and certificate formats -------------------------------------------------------
+
+_E = serialization.Encoding
+_F = serialization.PrivateFormat
+
+KEY_FORMATS = [
+    pytest.param(_E.PEM, _F.PKCS8, None, id="pem-pkcs8"),
+    pytest.param(_E.DER, _F.PKCS8, None, id="der-pkcs8"),
+    pytest.param(_E.PEM, _F.TraditionalOpenSSL, None, id="pem-traditional"),
+    pytest.param(_E.DER, _F.TraditionalOpenSSL, None, id="der-traditional"),
+    pytest.param(_E.PEM, _F.PKCS8, b"s3cret", id="pem-pkcs8-encrypted"),
+    pytest.param(_E.PEM, _F.TraditionalOpenSSL, b"s3cret", id="pem-traditional-encrypted"),
+    pytest.param(_E.DER, _F.PKCS8, b"s3cret", id="der-pkcs8-encrypted"),
+]
+
+
+@pytest.mark.parametrize("slot", ["9a", "9c"])
+@pytest.mark.parametrize(("encoding", "fmt", "passphrase"), KEY_FORMATS)
+def test_key_formats(tmp_path: Path, slot: str, encoding: serialization.Encoding,
+                     fmt: serialization.PrivateFormat, passphrase: bytes | None) -> None:
+    key = _key(slot)
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
+    (tmp_path / f"{slot}.key").write_bytes(key.private_bytes(encoding, fmt, encryption))
+    cert_der = _cert(slot).public_bytes(_E.DER)
+    (tmp_path / f"{slot}.der").write_bytes(cert_der)  # a DER certificate
+    if passphrase:
+        (tmp_path / f"{slot}.pass").write_bytes(passphrase + b"\n")
+    config = load_directory(tmp_path)
+    slot_number = int(slot, 16)
+    assert _public(config.state.keys[slot_number].public_key()) == _public(key.public_key())
+    assert cert_der in config.state.objects[{0x9A: 0x5FC105, 0x9C: 0x5FC10A}[slot_number]]
+
+
+@pytest.mark.parametrize("passphrase", [None, b"p12pass"])
+def test_pkcs12_bundle(tmp_path: Path, passphrase: bytes | None) -> None:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
+    bundle = pkcs12.serialize_key_and_certificates(
+        b"9d", _key("9d"), _cert("9d"), None, encryption)
+    (tmp_path / "9D.p12").write_bytes(bundle)  # upper-case slot names work too
+    if passphrase:
+        (tmp_path / "9d.pass").write_bytes(passphrase)
+    config = load_directory(tmp_path)
+    assert list(config.state.keys) == [0x9D]
+
+
+def test_pem_certificate_named_pem(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "9e.crt", tmp_path / "9e.pem")
+    shutil.copy(FIXTURES / "9e.key", tmp_path / "9e.key")
+    assert list(load_directory(tmp_path).state.keys) == [0x9E]
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        pytest.param({"9a.crt": "9a.crt", "9a.key": "9d.key"}, r"slot 9a: .*9a\.key.*match",
+                     id="mismatched-key"),
+        pytest.param({"9a.crt": "9a.crt"}, r"slot 9a: .*9a\.crt has no key", id="missing-key"),
+        pytest.param({"9c.key": "9c.key"}, r"slot 9c: .*9c\.key has no certificate",
+                     id="missing-cert"),
+        pytest.param({"9a.crt": "9a.crt", "9a.key": "9a.key", "9a.pem": "9a.crt"},
+                     r"slot 9a: both", id="two-certs"),
+        pytest.param({"9a.crt": "9c.key", "9a.key": "9a.key"},
+                     r"slot 9a: .*9a\.crt is not an X\.509", id="not-a-cert"),
+    ],
+)
+def test_directory_errors_name_file_and_slot(tmp_path: Path, files: dict[str, str],
+                                             message: str) -> None:
+    for name, source in files.items():
+        shutil.copy(FIXTURES / source, tmp_path / name)
+    with pytest.raises(ConfigError, match=message):
+        load_directory(tmp_path)
+
+
+def test_wrong_or_missing_passphrase(tmp_path: Path) -> None:
+    key = _key("9a").private_bytes(_E.PEM, _F.PKCS8,
+                                   serialization.BestAvailableEncryption(b"right"))
+    (tmp_path / "9a.key").write_bytes(key)
+    shutil.copy(FIXTURES / "9a.crt", tmp_path / "9a.crt")
+    with pytest.raises(ConfigError, match=r"slot 9a: .*9a\.key is encrypted"):
+        load_directory(tmp_path)
+    (tmp_path / "9a.pass").write_text("wrong\n")
+    with pytest.raises(ConfigError, match=r"slot 9a: cannot load key .*9a\.key.*passphrase"):
+        load_directory(tmp_path)
+    bundle = pkcs12.serialize_key_and_certificates(
+        b"x", _key("9c"), _cert("9c"), None, serialization.BestAvailableEncryption(b"right"))
+    (tmp_path / "p12").mkdir()
+    (tmp_path / "p12" / "9c.p12").write_bytes(bundle)
+    with pytest.raises(ConfigError, match=r"slot 9c: cannot open PKCS#12 .*9c\.p12"):
+        load_directory(tmp_path / "p12")
+
+
+# --- profiles ---------------------------------------------------------------------------
+
+def test_profile(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "9a.crt", tmp_path / "auth.crt")
+    (tmp_path / "auth.key").write_bytes(_key("9a").private_bytes(
+        _E.PEM, _F.TraditionalOpenSSL, serialization.BestAvailableEncryption(b"pw")))
+    (tmp_path / "printed.bin").write_bytes(bytes.fromhex("0104414c4943"))
+    (tmp_path / "card.toml").write_text(
+        'pin = "87654321"\npuk = "11112222"\npin_retries = 5\n'
+        'management_key = "000102030405060708090a0b0c0d0e0f"\n'
+        'management_key_algorithm = "aes128"\n'
+        'guid = "00112233445566778899aabbccddeeff"\nlabel = "mine"\n'
+        '[slots.9A]\ncert = "auth.crt"\nkey = "auth.key"\npassphrase = "pw"\n'
+        '[objects]\n5fc109 = "printed.bin"\n'
+    )
+    card = _piv(open_card(f"piv:{tmp_path / 'card.toml'}"))
+    assert card.name == "PIV (mine)"
+    assert card.state.pin == b"87654321" and card.state.pin_left == 5
+    assert card.state.management_key == bytes(range(16))
+    assert _tx(card, "0020008000") == b"\x63\xc5"
+    chuid = _tx(card, "00cb3fff055c035fc10200")
+    assert ber_find(ber_find(chuid[:-2], 0x53) or b"", 0x34) == bytes.fromhex(
+        "00112233445566778899aabbccddeeff")
+    assert _tx(card, "00cb3fff055c035fc10900") == b"\x69\x82"  # printed info needs the PIN
+    assert _tx(card, CommandApdu(0, 0x20, 0, 0x80, b"87654321")) == b"\x90\x00"
+    assert _tx(card, "00cb3fff055c035fc10900") == bytes.fromhex("53060104414c49439000")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param('pim = "123456"', "unknown settings pim", id="typo"),
+        pytest.param('pin = "12"', "pin must be 6 to 8", id="short-pin"),
+        pytest.param('management_key = "0102"', "management_key must be 24 bytes", id="mgmt"),
+        pytest.param('[slots.9a]\ncert = "nope.crt"\nkey = "nope.key"',
+                     r"slot 9a: cannot read .*nope\.crt", id="missing-file"),
+        pytest.param('[slots.9b]\ncert = "a"\nkey = "b"', "not a PIV key slot", id="slot-9b"),
+        pytest.param("pin = ", "not valid TOML", id="bad-toml"),
+    ],
+)
+def test_profile_errors(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "card.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_profile(tmp_path / "card.toml")
+
+
+def test_demo_card_and_fixture_profile() -> None:
+    assert demo_directory() == FIXTURES
+    demo = _piv(open_card("piv:"))
+    assert demo.name == "PIV (demo)"
+    assert sorted(demo.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E]
+    profile = _piv(open_card(f"piv:{FIXTURES / 'card.toml'}"))
+    assert sorted(profile.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E]
+    with pytest.raises(ConfigError, match="no such directory"):
+        open_card("piv:/nonexistent/card")
+
+
+# --- saved state -------------------------------------------------------------------------
+
+def _card_dir(tmp_path: Path) -> Path:
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    for name in ("9a.crt", "9a.key", "9e.crt", "9e.key"):
+        shutil.copy(FIXTURES / name, cards / name)
+    return cards
+
+
+def _admin(card: PivCard) -> None:
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    rsp = _tx(card, "0087039b047c02810000")
+    challenge = ber_find(ber_find(rsp[:-2], 0x7C) or b"", 0x81) or b""
+    enc = Cipher(TripleDES(MGMT), modes.ECB()).encryptor()
+    response = enc.update(challenge) + enc.finalize()
+    body = ber_encode(0x7C, ber_encode(0x82, response))
+    assert _tx(card, CommandApdu(0, 0x87, 3, 0x9B, body)) == b"\x90\x00"
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_state_survives_a_reopen(tmp_path: Path) -> None:
+    cards, state_dir = _card_dir(tmp_path), tmp_path / "state"
+    options = CardOptions(state_dir=state_dir)
+    card = _piv(open_card(f"piv:{cards}", options))
+    new_pin = b"24682468"
+    assert _tx(card, CommandApdu(0, 0x24, 0, 0x80, PIN + new_pin)) == b"\x90\x00"
+    assert _tx(card, CommandApdu(0, 0x20, 0, 0x80, PIN)) == b"\x63\xc2"
+    _admin(card)
+    generated = _tx(card, CommandApdu(0, 0x47, 0, 0x9D, bytes.fromhex("ac03800111"), 256))
+    assert generated[-2:] == b"\x90\x00"
+    put = CommandApdu(0, 0xDB, 0x3F, 0xFF, bytes.fromhex("5c035fc109" + "5303010141"))
+    assert _tx(card, put) == b"\x90\x00"
+
+    files = list(state_dir.iterdir())
+    assert [f.name for f in files] == [state_path(state_dir, str(cards.resolve())).name]
+    saved = json.loads(files[0].read_text())
+    # only what changed: the generated key (PKCS#8 PEM) and the new object
+    assert list(saved["keys"]) == ["9d"]
+    assert saved["keys"]["9d"].startswith("-----BEGIN PRIVATE KEY-----")
+    assert list(saved["objects"]) == ["5fc109"]
+    assert files[0].stat().st_mode & 0o777 == 0o600
+
+    again = _piv(open_card(f"piv:{cards}", options))
+    assert again.state.pin == new_pin and again.state.pin_left == 2
+    assert _tx(again, CommandApdu(0, 0x20, 0, 0x80, new_pin)) == b"\x90\x00"
+    assert _public(again.state.keys[0x9D].public_key()) == _public(
+        card.state.keys[0x9D].public_key())
+    assert _tx(again, "00cb3fff055c035fc10900") == bytes.fromhex("53030101419000")
+    # the certificate objects still come from the files: not in the saved state
+    assert _tx(again, "00cb3fff055c035fc10508")[:2] == b"\x53\x82"
+
+
+def test_read_only_leaves_the_state_directory_unchanged(tmp_path: Path) -> None:
+    cards, state_dir = _card_dir(tmp_path), tmp_path / "state"
+    writable = _piv(open_card(f"piv:{cards}", CardOptions(state_dir=state_dir)))
+    assert _tx(writable, CommandApdu(0, 0x20, 0, 0x80, b"999999\xff\xff")) == b"\x63\xc2"
+    before = _snapshot(tmp_path)
+    card = _piv(open_card(f"piv:{cards}", CardOptions(state_dir=state_dir, read_only=True)))
+    assert card.state.pin_left == 2  # the saved state is read
+    assert _tx(card, CommandApdu(0, 0x24, 0, 0x80, PIN + b"11111111")) == b"\x90\x00"
+    assert _tx(card, CommandApdu(0, 0x20, 0, 0x80, b"11111111")) == b"\x90\x00"
+    assert _snapshot(tmp_path) == before
+
+
+def test_in_memory_without_state_dir(tmp_path: Path) -> None:
+    cards = _card_dir(tmp_path)
+    before = _snapshot(tmp_path)
+    card = _piv(open_card(f"piv:{cards}", CardOptions()))
+    assert _tx(card, CommandApdu(0, 0x20, 0, 0x80, b"999999\xff\xff")) == b"\x63\xc2"
+    assert _snapshot(tmp_path) == before
+
+
+def test_corrupt_state_file_is_named(tmp_path: Path) -> None:
+    cards, state_dir = _card_dir(tmp_path), tmp_path / "state"
+    state_dir.mkdir()
+    path = state_path(state_dir, str(cards.resolve()))
+    for text in ("{not json", '{"format": 1, "pin": "zz"}', "[]"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"{path.name}.*corrupt"):
+            open_card(f"piv:{cards}", CardOptions(state_dir=state_dir))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=10,
+)
+GOOD_STATE = {"format": 1, "pin": "313233343536", "puk": "3132333435363738",
+              "pin_retries": 3, "puk_retries": 3, "pin_left": 3, "puk_left": 3,
+              "management_key": MGMT.hex(), "management_algorithm": 3, "keys": {},
+              "objects": {}}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(GOOD_STATE)), JSON_VALUES)
+def test_damaged_state_loads_or_is_a_config_error(field: str, value: object) -> None:
+    from ccidemu.cards.piv import PivState
+    from ccidemu.cards.piv_files import StateStore
+
+    damaged = dict(GOOD_STATE, **{field: value})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "piv-x.json"
+        path.write_text(json.dumps(damaged))
+        try:
+            StateStore(path, PivState(), "x").load()
+        except ConfigError as exc:
+            assert "piv-x.json" in str(exc)
+
+
+def test_crash_before_rename_keeps_the_old_state(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cards, state_dir = _card_dir(tmp_path), tmp_path / "state"
+    options = CardOptions(state_dir=state_dir)
+    card = _piv(open_card(f"piv:{cards}", options))
+    assert _tx(card, CommandApdu(0, 0x20, 0, 0x80, b"999999\xff\xff")) == b"\x63\xc2"
+    old = _snapshot(state_dir)
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "simulated crash between write and rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    # the card answers "memory failure" (ISO 7816-4 6581) when its state cannot be saved
+    assert _tx(card, CommandApdu(0, 0x20, 0, 0x80, b"999999\xff\xff")) == b"\x65\x81"
+    monkeypatch.undo()
+    assert _snapshot(state_dir) == old  # the temporary file is gone, the old state intact
+    # a temporary file left by a real crash is ignored
+    (state_dir / ".leftover.json.tmp").write_text('{"half": ')
+    again = _piv(open_card(f"piv:{cards}", options))
+    assert again.state.pin_left == 2
+
+
+def test_certs_generate_command(tmp_path: Path) -> None:
+    from vmc.cli import main
+
+    out = tmp_path / "set"
+    assert main(["certs", "generate", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["9a.crt", "9a.key", "9c.crt", "9c.key", "9d.crt", "9d.key", "9e.crt",
+                     "9e.key", "ca.crt", "ca.key", "card.toml"]
+    assert main(["certs", "generate", str(out)]) == 1  # refuses to overwrite
+    assert main(["certs", "generate", "--force", str(out)]) == 0
+    config = load_profile(out / "card.toml")
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    ca_key = ca.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    kinds: dict[str, object] = {}
+    for slot in ("9a", "9c", "9d", "9e"):
+        cert = x509.load_pem_x509_certificate((out / f"{slot}.crt").read_bytes())
+        assert cert.signature_hash_algorithm is not None
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes,
+                      ec.ECDSA(cert.signature_hash_algorithm))
+        kinds[slot] = config.state.keys[int(slot, 16)]
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if slot == "9d":
+            assert usage.key_encipherment and not usage.digital_signature
+    assert isinstance(kinds["9a"], rsa.RSAPrivateKey) and kinds["9a"].key_size == 2048
+    assert isinstance(kinds["9d"], rsa.RSAPrivateKey)
+    assert isinstance(kinds["9c"], ec.EllipticCurvePrivateKey)
+    assert isinstance(kinds["9c"].curve, ec.SECP256R1)
+    assert isinstance(kinds["9e"], ec.EllipticCurvePrivateKey)
+    assert isinstance(kinds["9e"].curve, ec.SECP384R1)
