@@ -1,0 +1,84 @@
+"""Fixtures for the QEMU end-to-end tests (see tests/e2e/guest.py for the guest itself).
+
+- ``guest_image`` (session): the cached kernel + initramfs.  Skips with a warning when QEMU or
+  the guest's packages are missing, except under ``CI=true`` where that fails the test.
+- ``e2e_dir`` (module): a short directory for unix sockets, logs, traces and pcaps.
+- :func:`tests.e2e.guest.boot_guest` for module fixtures: each test module boots one guest
+  (about 6 s under TCG) and its tests share it.
+
+On a failing test its module's directory is kept, and the tails of every guest's serial
+console, QEMU's stderr, the guest's pcscd log, the command channel and ``serve.log`` are
+attached to the report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.daemon import ServeProcess
+from tests.e2e.guest import Guest, GuestImage, build_guest, missing_host_tools
+
+#: Modules with a failed test keep their e2e_dir (as does CCIDEMU_KEEP_E2E=1).
+_FAILED_MODULES: set[str] = set()
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    missing = missing_host_tools()
+    if missing:
+        reason = (
+            "QEMU end-to-end tests cannot run on this host; missing: " + ", ".join(missing)
+            + " (tools/bootstrap.sh installs them)"
+        )
+        if _in_ci():
+            pytest.fail(reason + " -- CI=true, so this is a failure, not a skip", pytrace=False)
+        warnings.warn(reason, stacklevel=1)
+        pytest.skip(reason)
+    return build_guest()
+
+
+@pytest.fixture(scope="module")
+def e2e_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    # Unix socket paths must stay under 108 bytes, so not pytest's long tmp_path.
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    path = Path(tempfile.mkdtemp(prefix=f"ccidemu-{name}-"))
+    yield path
+    if os.environ.get("CCIDEMU_KEEP_E2E") or request.module.__name__ in _FAILED_MODULES:
+        print(f"kept {path} (logs, traces, pcaps of {request.module.__name__})")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        module = getattr(item, "module", None)
+        if module is not None:
+            _FAILED_MODULES.add(module.__name__)
+        funcargs = getattr(item, "funcargs", {})
+        seen: set[int] = set()
+        for value in funcargs.values():
+            candidates = value if isinstance(value, tuple) else (value,)
+            for obj in candidates:
+                if id(obj) in seen:
+                    continue
+                seen.add(id(obj))
+                if isinstance(obj, Guest):
+                    report.sections.append(("guest " + str(obj.workdir), obj.diagnostics()))
+                elif isinstance(obj, ServeProcess):
+                    report.sections.append(("ccidemu serve log tail", obj.log_tail(40)))
+    return report

@@ -1,0 +1,665 @@
+"""A tiny Linux guest for end-to-end tests: real pcscd + libccid + OpenSC behind QEMU's usb-ccid.
+
+How it is built (docs: PROTOCOL-NOTES section 2): the Debian kernel package that
+``linux-image-amd64`` depends on is fetched with ``apt-get download`` and unpacked
+(``dpkg-deb``); the initramfs holds busybox-static, pcscd, the libccid bundle, the OpenSC tools,
+their ``ldd`` libraries (plus ``libpcsclite.so.1`` and ``libgcc_s.so.1``, which are loaded at run
+time), the four USB modules and :data:`INIT_SCRIPT`.  It is packed with ``busybox cpio -o -H
+newc | gzip -1`` and cached under ``$CCIDEMU_CACHE/guest`` (default ``<repo>/.cache/guest``),
+keyed by the versions of every package that went in and by this module's guest layout.
+
+How it runs: QEMU (TCG) with three serial ports.  ttyS0 is the kernel console (to a file),
+ttyS1 is a command channel on QEMU's stdio, ttyS2 carries pcscd's ``--debug --apdu`` log (to a
+file).  The guest's /init starts pcscd, prints ``<<<READY>>>`` on ttyS1 and then serves
+commands: the host writes ``SECONDS BASE64-SCRIPT`` lines; the guest runs each script (stdout
+and stderr merged) in its own session under a watchdog that SIGKILLs the whole process group
+after SECONDS, and answers with the output, a newline and ``<<<END:STATUS>>>``.  One boot
+(about 6 s under TCG) serves any number of commands.
+
+Run ``python -m tests.e2e.guest`` (or ``tools/build-guest``) to build or refresh the cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import enum
+import fcntl
+import hashlib
+import logging
+import lzma
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ccidemu.card import BuiltinTestCard
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+QEMU = os.environ.get("CCIDEMU_QEMU", "qemu-system-x86_64")  # override to test a skip
+LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+
+#: Bump when the guest's layout or /init changes in a way the cache key would not see.
+LAYOUT_VERSION = 3
+
+#: Packages whose files go into the initramfs; their versions key the cache.
+GUEST_PACKAGES = (
+    "busybox-static", "pcscd", "libccid", "libpcsclite1", "opensc", "opensc-pkcs11",
+    "pcsc-tools", "libgcc-s1", "libc6", "libssl3", "libusb-1.0-0",
+)
+
+#: Host executables the guest needs, installed at the same path in the guest.
+GUEST_PROGRAMS = (
+    "/usr/sbin/pcscd", "/usr/bin/opensc-tool", "/usr/bin/pkcs11-tool", "/usr/bin/pkcs15-tool",
+    "/usr/bin/pcsc_scan",
+)
+
+#: Shared objects loaded with dlopen() (ldd cannot see them), installed at the same path.
+GUEST_PLUGINS = (
+    "/usr/lib/pcsc/drivers/ifd-ccid.bundle/Contents/Linux/libccid.so",
+    str(LIBDIR / "opensc-pkcs11.so"),
+    str(LIBDIR / "pkcs11" / "opensc-pkcs11.so"),
+    str(LIBDIR / "libpcsclite.so.1"),
+    # Without it pcscd aborts when its first client leaves (pthread_cancel unwinding).
+    str(LIBDIR / "libgcc_s.so.1"),
+)
+
+GUEST_DATA = (
+    "/usr/lib/pcsc/drivers/ifd-ccid.bundle/Contents/Info.plist",
+    "/etc/opensc/opensc.conf",
+    "/etc/opensc.conf",
+)
+
+#: Loaded in this order with busybox insmod (the kernel package has no modules.dep).
+KERNEL_MODULES = ("usb-common", "usbcore", "xhci-hcd", "xhci-pci")
+
+READY_MARKER = "<<<READY>>>"
+END_RE = re.compile(rb"\n<<<END:(-?\d+)>>>\n")
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mkdir -p /run/pcscd /root /var
+ln -s /run /var/run
+say() { echo "ccidemu-guest: $*"; }
+for m in MODULES; do insmod /modules/$m.ko || say "insmod $m failed"; done
+i=0
+until grep -qs 08e6 /sys/bus/usb/devices/*/idVendor; do
+  i=$((i + 1)); [ $i -gt 400 ] && { say "no usb-ccid device after 20 s"; break; }
+  sleep 0.05
+done
+stty -F /dev/ttyS1 raw -echo
+stty -F /dev/ttyS2 raw -echo
+# Through a pipe so that pcscd does not colour its log for a terminal.
+(pcscd --foreground --debug --apdu 2>&1 | cat >/dev/ttyS2) &
+i=0
+until [ -S /run/pcscd/pcscd.comm ]; do
+  i=$((i + 1)); [ $i -gt 200 ] && { say "pcscd did not start"; break; }
+  sleep 0.05
+done
+say "ready"
+exec 3<>/dev/ttyS1
+echo "<<<READY>>>" >&3
+while IFS= read -r line <&3; do
+  secs=${line%% *}
+  echo "${line#* }" | base64 -d >/tmp/cmd.sh
+  # In its own session so that the whole process group dies at the timeout (busybox
+  # timeout would kill only the shell and leave e.g. opensc-tool running).
+  setsid sh /tmp/cmd.sh >/tmp/out 2>&1 </dev/null &
+  pid=$!
+  (sleep "$secs"; kill -KILL -"$pid") 2>/dev/null &
+  watchdog=$!
+  wait "$pid"
+  rc=$?
+  kill "$watchdog" 2>/dev/null
+  cat /tmp/out >&3
+  printf '\n<<<END:%d>>>\n' "$rc" >&3
+done
+say "command channel closed"
+poweroff -f
+"""
+
+
+class GuestError(Exception):
+    """The guest could not be built or did not behave (a test-infrastructure failure)."""
+
+
+# --------------------------------------------------------------------------- host checks
+
+
+def missing_host_tools() -> list[str]:
+    """What this host lacks to build and boot the guest (empty when everything is there)."""
+    missing = [t for t in (QEMU, "busybox", "apt-get", "dpkg-deb", "ldd", "gzip")
+               if shutil.which(t) is None]
+    missing += [p for p in (*GUEST_PROGRAMS, *GUEST_PLUGINS) if not Path(p).exists()]
+    if shutil.which(QEMU) is not None:
+        try:
+            out = subprocess.run(
+                [QEMU, "-device", "help"], capture_output=True, text=True, timeout=30, check=False
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            missing.append(f"{QEMU} -device help ({exc})")
+        else:
+            for dev in ("usb-ccid", "ccid-card-passthru", "qemu-xhci"):
+                if f'"{dev}"' not in out:
+                    missing.append(f"QEMU device {dev} (package qemu-system-common?)")
+    return missing
+
+
+# --------------------------------------------------------------------------- image build
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest: kernel and initramfs paths (inside the cache)."""
+
+    kernel: Path
+    initrd: Path
+    key: str
+
+
+def cache_root() -> Path:
+    env = os.environ.get("CCIDEMU_CACHE")
+    return (Path(env) if env else REPO_ROOT / ".cache") / "guest"
+
+
+def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise GuestError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _package_version(name: str) -> str:
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", name],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else "absent"
+
+
+def _kernel_package() -> str:
+    """The versioned kernel image package ``linux-image-amd64`` depends on."""
+    for attempt in range(2):
+        proc = subprocess.run(
+            ["apt-cache", "depends", "linux-image-amd64"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        found = re.findall(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", proc.stdout)
+        if found:
+            return str(found[0])
+        if attempt == 0:
+            logger.info("apt-cache knows no linux-image-amd64: running apt-get update")
+            _run(["apt-get", "update", "-q"], timeout=300)
+    raise GuestError("cannot find the kernel package that linux-image-amd64 depends on")
+
+
+def _cache_key(kernel_package: str) -> str:
+    h = hashlib.sha256()
+    h.update(f"layout={LAYOUT_VERSION}\nkernel={kernel_package}\n".encode())
+    for name in GUEST_PACKAGES:
+        h.update(f"{name}={_package_version(name)}\n".encode())
+    h.update(INIT_SCRIPT.encode())
+    h.update(repr((GUEST_PROGRAMS, GUEST_PLUGINS, GUEST_DATA, KERNEL_MODULES)).encode())
+    return f"{kernel_package.removeprefix('linux-image-')}-{h.hexdigest()[:16]}"
+
+
+def _fetch_kernel(kernel_package: str, dest: Path) -> None:
+    """Download and unpack the kernel image and the USB modules into ``dest``."""
+    with tempfile.TemporaryDirectory(prefix="ccidemu-kernel-") as tmp_name:
+        tmp = Path(tmp_name)
+        # apt-get download writes into the current directory; as root it warns that the _apt
+        # sandbox user cannot write there, which is harmless.
+        os.chmod(tmp, 0o755)
+        try:
+            _run(["apt-get", "download", "-q", kernel_package], cwd=tmp, timeout=300)
+        except GuestError as exc:  # stale package lists: the mirror dropped that version
+            logger.info("%s; running apt-get update and retrying", exc)
+            _run(["apt-get", "update", "-q"], timeout=300)
+            _run(["apt-get", "download", "-q", kernel_package], cwd=tmp, timeout=300)
+        debs = sorted(tmp.glob(f"{kernel_package}_*.deb"))
+        if not debs:
+            raise GuestError(f"apt-get download {kernel_package} produced no .deb")
+        names = _run(
+            ["sh", "-c", f"dpkg-deb --fsys-tarfile '{debs[0]}' | tar -t"], timeout=120
+        ).splitlines()
+        wanted = [n for n in names if re.search(r"/boot/vmlinuz-", n)]
+        for mod in KERNEL_MODULES:
+            hits = [n for n in names if re.search(rf"/kernel/drivers/usb/.*/{mod}\.ko(\.xz)?$", n)]
+            if not hits:
+                raise GuestError(f"kernel package {kernel_package} has no module {mod}")
+            wanted.append(hits[0])
+        if not wanted or "vmlinuz" not in wanted[0]:
+            raise GuestError(f"kernel package {kernel_package} has no /boot/vmlinuz")
+        unpacked = tmp / "x"
+        unpacked.mkdir()
+        subprocess.run(
+            ["sh", "-c", f"dpkg-deb --fsys-tarfile '{debs[0]}' | tar -x -C '{unpacked}' \"$@\"",
+             "sh", *wanted],
+            check=True, timeout=120, capture_output=True,
+        )
+        shutil.copyfile(unpacked / wanted[0], dest / "vmlinuz")
+        modules = dest / "modules"
+        modules.mkdir()
+        for mod, member in zip(KERNEL_MODULES, wanted[1:], strict=True):
+            data = (unpacked / member).read_bytes()
+            if member.endswith(".xz"):
+                data = lzma.decompress(data)  # busybox insmod cannot read .ko.xz
+            (modules / f"{mod}.ko").write_bytes(data)
+
+
+def _ldd(path: str) -> list[str]:
+    out = _run(["ldd", path], timeout=30)
+    libs: list[str] = []
+    for line in out.splitlines():
+        m = re.search(r"=>\s*(/\S+)", line) or re.match(r"\s*(/\S+)\s+\(", line)
+        if m:
+            libs.append(m.group(1))
+    return libs
+
+
+def _install(root: Path, host_path: str) -> None:
+    """Copy a host file to the same path under ``root`` (symlinks resolved)."""
+    target = root / host_path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        shutil.copyfile(os.path.realpath(host_path), target)
+        shutil.copymode(os.path.realpath(host_path), target)
+
+
+def _build_initrd(root: Path, modules: Path, out: Path) -> None:
+    for name in ("bin", "sbin", "lib", "lib64"):  # mirror the host's merged /usr
+        host = Path("/") / name
+        if host.is_symlink():
+            (root / "usr" / os.readlink(host).removeprefix("usr/")).mkdir(
+                parents=True, exist_ok=True
+            )
+            (root / name).symlink_to(os.readlink(host))
+        else:
+            (root / name).mkdir(parents=True, exist_ok=True)
+    for d in ("proc", "sys", "dev", "run", "tmp", "etc", "root", "usr/bin", "usr/sbin"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    _install(root, "/bin/busybox")
+    libs: set[str] = set()
+    for prog in (*GUEST_PROGRAMS, *GUEST_PLUGINS):
+        _install(root, prog)
+        libs.update(_ldd(prog))
+    for lib in sorted(libs):
+        _install(root, lib)
+    for data in GUEST_DATA:
+        if Path(data).exists():
+            _install(root, data)
+    shutil.copytree(modules, root / "modules")
+    init = root / "init"
+    init.write_text(INIT_SCRIPT.replace("MODULES", " ".join(KERNEL_MODULES)))
+    init.chmod(0o755)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    subprocess.run(
+        ["sh", "-c", "find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > \"$1\"", "sh",
+         str(out)],
+        cwd=root, check=True, timeout=120,
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_guest(cache: Path | None = None, *, force: bool = False) -> GuestImage:
+    """Build (or reuse from the cache) the guest kernel and initramfs."""
+    cache = cache or cache_root()
+    kernel_package = _kernel_package()
+    key = _cache_key(kernel_package)
+    final = cache / key
+    with _locked(cache / ".lock"):
+        if force and final.exists():
+            shutil.rmtree(final)
+        if not (final / "initrd.gz").exists():
+            started = time.monotonic()
+            work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache))
+            try:
+                _fetch_kernel(kernel_package, work)
+                _build_initrd(work / "root", work / "modules", work / "initrd.gz")
+                shutil.rmtree(work / "root")
+                work.rename(final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            for old in cache.iterdir():  # keep the cache to the one current guest
+                if old.is_dir() and old.name != key and not old.name.startswith(".build-"):
+                    shutil.rmtree(old, ignore_errors=True)
+            logger.info("built guest %s in %.1f s", key, time.monotonic() - started)
+    return GuestImage(kernel=final / "vmlinuz", initrd=final / "initrd.gz", key=key)
+
+
+# --------------------------------------------------------------------------- running
+
+
+class ChardevMode(enum.Enum):
+    """Who listens on the ccid-card-passthru socket."""
+
+    #: QEMU listens (``server=on,wait=off``); the daemon runs ``--connect unix:PATH``.
+    QEMU_SERVER = "server"
+    #: QEMU connects (``reconnect=1``); the daemon runs ``--listen unix:PATH``.
+    QEMU_CLIENT = "client"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    status: int
+    output: str
+
+
+class Guest:
+    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+
+    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
+    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
+    mode the daemon must already listen there when :meth:`start` is called.
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        workdir: Path,
+        vsc_socket: Path,
+        mode: ChardevMode,
+        *,
+        pcap: Path | None = None,
+        memory_mb: int = 512,
+    ) -> None:
+        self.image = image
+        self.workdir = workdir
+        self.vsc_socket = vsc_socket
+        self.mode = mode
+        self.pcap = pcap
+        self.memory_mb = memory_mb
+        self.console_path = workdir / "console.log"
+        self.pcscd_log_path = workdir / "pcscd.log"
+        self.qemu_log_path = workdir / "qemu.log"
+        self.transcript_path = workdir / "commands.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buffer = b""
+        self._selector: selectors.DefaultSelector | None = None
+        self.boot_seconds = 0.0
+
+    def qemu_command(self) -> list[str]:
+        if self.mode is ChardevMode.QEMU_SERVER:
+            vsc = f"socket,id=vsc,path={self.vsc_socket},server=on,wait=off"
+        else:
+            vsc = f"socket,id=vsc,path={self.vsc_socket},reconnect=1"
+        ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap else "")
+        return [
+            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
+            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
+            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+            "-append", "console=ttyS0 panic=-1 quiet",
+            "-serial", f"file:{self.console_path}",
+            "-serial", "stdio",
+            "-serial", f"file:{self.pcscd_log_path}",
+            "-device", "qemu-xhci,id=xhci", "-device", ccid,
+            "-chardev", vsc, "-device", "ccid-card-passthru,chardev=vsc",
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        """Boot; return once pcscd runs and the command channel answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = self.qemu_command()
+        logger.info("starting %s", " ".join(cmd))
+        started = time.monotonic()
+        with self.qemu_log_path.open("wb") as qemu_log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
+                start_new_session=True,
+            )
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+        deadline = started + timeout
+        while READY_MARKER.encode() not in self._buffer:
+            self._read_some(deadline, "boot")
+        self._buffer = self._buffer.split(READY_MARKER.encode() + b"\n", 1)[-1]
+        self.boot_seconds = time.monotonic() - started
+        logger.info("guest ready in %.1f s", self.boot_seconds)
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        assert self._proc is not None and self._selector is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
+        for _key, _ev in self._selector.select(min(remaining, 0.5)):
+            assert self._proc.stdout is not None
+            chunk = self._proc.stdout.read(65536)
+            if chunk:
+                self._buffer += chunk
+                with self.transcript_path.open("ab") as fh:
+                    fh.write(chunk)
+                return
+            if chunk is not None:  # EOF
+                self._proc.wait(timeout=10)
+                raise GuestError(
+                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+                )
+        if self._proc.poll() is not None:
+            raise GuestError(
+                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+            )
+
+    def run(self, script: str, timeout: float = 20) -> CommandResult:
+        """Run a shell script in the guest (busybox sh, stdout+stderr merged).
+
+        The guest kills the script after ``timeout`` seconds (status 137); the host waits a
+        little longer for the answer and raises :class:`GuestError` if none comes.
+        """
+        if self._proc is None or self._proc.stdin is None:
+            raise GuestError("guest is not running")
+        secs = max(1, int(timeout + 0.999))
+        line = f"{secs} {base64.b64encode(script.encode()).decode()}\n".encode()
+        with self.transcript_path.open("ab") as fh:
+            fh.write(f"\n### host> {script!r} (timeout {secs} s)\n".encode())
+        self._proc.stdin.write(line)
+        self._proc.stdin.flush()
+        deadline = time.monotonic() + secs + 15
+        while (m := END_RE.search(self._buffer)) is None:
+            self._read_some(deadline, f"command {script!r}")
+        output = self._buffer[: m.start()].decode("utf-8", "replace")
+        self._buffer = self._buffer[m.end():]
+        return CommandResult(int(m.group(1)), output)
+
+    def check(self, script: str, timeout: float = 20) -> str:
+        """Like :meth:`run` but raise :class:`GuestError` unless the status is 0."""
+        result = self.run(script, timeout)
+        if result.status != 0:
+            raise GuestError(
+                f"guest command {script!r} failed with status {result.status}:\n{result.output}"
+            )
+        return result.output
+
+    def pcscd_log(self) -> str:
+        """pcscd's --debug --apdu log so far (streamed live on ttyS2)."""
+        try:
+            return self.pcscd_log_path.read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_pcscd_log(self, pattern: str, since: int = 0, timeout: float = 15) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex) appears in the pcscd log after offset ``since``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.compile(pattern).search(self.pcscd_log(), since)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise GuestError(
+                    f"{pattern!r} not in the guest's pcscd log after {timeout} s; tail:\n"
+                    + tail(self.pcscd_log()[since:], 30)
+                )
+            time.sleep(0.1)
+
+    def wait_card(self, timeout: float = 20) -> str:
+        """Poll ``opensc-tool -a`` in the guest until it prints an ATR; return its output."""
+        script = (
+            f"i=0; while [ $i -lt {int(timeout * 4)} ]; do "
+            "opensc-tool -a 2>&1 >/tmp/atr && { cat /tmp/atr; exit 0; }; "
+            "i=$((i + 1)); sleep 0.25; done; cat /tmp/atr; exit 1"
+        )
+        return self.check(script, timeout + 5)
+
+    def diagnostics(self) -> str:
+        parts = []
+        for label, path in (
+            ("serial console", self.console_path),
+            ("QEMU stderr", self.qemu_log_path),
+            ("pcscd log", self.pcscd_log_path),
+            ("command channel", self.transcript_path),
+        ):
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {label} ({path}), tail:\n"
+                             + tail(path.read_bytes().decode("utf-8", "replace"), 25))
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Stop QEMU: ``poweroff -f`` in the guest, else SIGTERM, else SIGKILL."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if self._selector is not None:
+            self._selector.close()
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            poweroff = base64.b64encode(b"poweroff -f").decode()
+            proc.stdin.write(f"5 {poweroff}\n".encode())
+            proc.stdin.close()
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):  # QEMU flushes its files on SIGTERM
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def __enter__(self) -> Guest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def boot_guest(
+    image: GuestImage, workdir: Path, mode: ChardevMode, *, pcap: bool = False
+) -> Iterator[Guest]:
+    """Boot a guest in ``workdir`` (socket ``vsc.sock``, pcap ``usb.pcap``); stop it after."""
+    guest = Guest(
+        image, workdir, workdir / "vsc.sock", mode, pcap=workdir / "usb.pcap" if pcap else None
+    )
+    try:
+        guest.start()
+        yield guest
+    finally:
+        guest.close()
+
+
+def tail(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the end-to-end test guest (cached).")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--cache", type=Path, help="cache directory (default: %(default)s)",
+                        default=cache_root())
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    missing = missing_host_tools()
+    if missing:
+        logger.error("missing on this host: %s", ", ".join(missing))
+        return 1
+    started = time.monotonic()
+    image = build_guest(args.cache, force=args.force)
+    logger.info("kernel %s\ninitrd %s (%d bytes)\n%.1f s", image.kernel, image.initrd,
+                image.initrd.stat().st_size, time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+_RECEIVED_RE = re.compile(r"^Received \(SW1=0x([0-9a-fA-F]{2}), SW2=0x([0-9a-fA-F]{2})\)")
+_HEX_PAIR_RE = re.compile(r"^[0-9A-Fa-f]{2}$")
+
+
+def opensc_responses(output: str) -> list[bytes]:
+    """The response APDUs (data + SW1 SW2) in the output of ``opensc-tool -s ... -s ...``.
+
+    opensc-tool prints ``Received (SW1=0x90, SW2=0x00):`` and then a hex dump of the data,
+    16 bytes a line followed by an ASCII column.  Keep the data short and make its first
+    ASCII character non-hex (a byte below 0x20, shown as '.') so the columns cannot mix.
+    """
+    responses: list[bytes] = []
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        m = _RECEIVED_RE.match(line)
+        if not m:
+            continue
+        data = bytearray()
+        for row in lines[i + 1:]:
+            if row.startswith(("Sending:", "Received")) or not row.strip():
+                break
+            for token in row.split():
+                if not _HEX_PAIR_RE.match(token):
+                    break
+                data.append(int(token, 16))
+        responses.append(bytes(data) + bytes.fromhex(m.group(1) + m.group(2)))
+    return responses
+
+
+# --------------------------------------------------------------------------- test card
+
+#: The built-in test card's ATR as ``opensc-tool -a`` prints it.
+TEST_ATR_TEXT = ":".join(f"{b:02x}" for b in BuiltinTestCard.ATR)
+#: Test card echo command (``80 E0``): answers 01 02 03 90 00.
+ECHO = "80E0000003010203"
+
+
+def wait_apdus_work(guest: Guest, timeout: float = 20) -> str:
+    """Send the echo APDU from the guest until it gets the test card's answer."""
+    script = (
+        f"i=0; while [ $i -lt {int(timeout * 2)} ]; do "
+        f"opensc-tool -s {ECHO} >/tmp/o 2>&1 && grep -q '^01 02 03' /tmp/o && "
+        "{ cat /tmp/o; exit 0; }; i=$((i + 1)); sleep 0.5; done; cat /tmp/o; exit 1"
+    )
+    return guest.check(script, timeout + 10)
