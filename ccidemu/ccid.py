@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import construct
 from construct import Bytes, Int8ul, Int16ul, Int32ul, this
 
-from ccidemu._wire import DEFAULT_MAX_LENGTH, check_length
+from ccidemu._wire import DEFAULT_MAX_LENGTH, FrameStream, check_length
 from ccidemu._wire import build as _build
 from ccidemu._wire import parse as _parse
 from ccidemu.errors import DecodeError, EncodeError
@@ -898,34 +899,32 @@ def encode_ccid(msg: CcidMessage) -> bytes:
         raise EncodeError(f"cannot encode {type(msg).__name__}: {exc}") from None
 
 
-class CcidStream:
+class CcidStream(FrameStream[CcidMessage]):
     """CCID framing for one bulk pipe (either direction).  No I/O here: feed bytes to
     :meth:`receive_data`, drain :meth:`next_event` until None.  A ``dwLength`` above
-    ``max_length`` raises DecodeError as soon as the header arrives."""
+    ``max_length`` is an error as soon as the header arrives; errors follow the contract of
+    :class:`ccidemu._wire.FrameStream`."""
 
-    def __init__(self, max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        self._buffer = bytearray()
-        self._max_length = max_length
-
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
+    what = "CCID stream"
 
     @property
     def pending(self) -> int:
-        """Bytes received but not yet part of a whole message."""
+        """Bytes received but not yet part of a whole message (same as ``buffered``)."""
         return len(self._buffer)
 
-    def next_event(self) -> CcidMessage | None:
-        buf = self._buffer
-        if len(buf) < HEADER_LENGTH:
-            return None
-        (length,) = _LEN.unpack_from(buf, 1)
-        check_length(length, self._max_length, "CCID dwLength")
-        if len(buf) < HEADER_LENGTH + length:
-            return None
-        msg, used = _decode_bulk(bytes(buf), self._max_length)
-        del buf[:used]
-        return msg
+    def _cut(self, buf: bytearray, events: deque[CcidMessage]) -> int:
+        start = 0
+        size = len(buf)
+        while size - start >= HEADER_LENGTH:
+            (length,) = _LEN.unpack_from(buf, start + 1)
+            check_length(length, self.max_length, "CCID dwLength")
+            end = start + HEADER_LENGTH + length
+            if end > size:
+                break
+            msg, _ = _decode_bulk(bytes(buf[start:end]), self.max_length)
+            events.append(msg)
+            start = end
+        return start
 
 
 # --- class descriptor, section 5.1 ---------------------------------------------------------

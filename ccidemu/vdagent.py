@@ -21,7 +21,6 @@ Unknown ports, protocols and message types are kept as plain ints.
 from __future__ import annotations
 
 import enum
-import logging
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 import construct
 from construct import Int32ul, Int64ul, Struct
 
-from ccidemu._wire import DEFAULT_MAX_LENGTH, check_length, parse
+from ccidemu._wire import DEFAULT_MAX_LENGTH, FrameStream, check_length, parse
 from ccidemu.errors import DecodeError
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "decode_message",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: ``VD_AGENT_PROTOCOL``: the value of ``VDAgentMessage.protocol``.
 VD_AGENT_PROTOCOL = 1
@@ -208,55 +206,40 @@ def decode_announce_capabilities(data: bytes) -> tuple[bool, frozenset[int]]:
     return bool(parsed.request), frozenset(caps)
 
 
-class VdagentStream:
-    """Decoder for one vdagent chunk stream: :meth:`receive_data` in, :meth:`next_event` out."""
+class VdagentStream(FrameStream[VdagentEvent]):
+    """Decoder for one vdagent chunk stream: :meth:`receive_data` in, :meth:`next_event` out.
+
+    Every chunk is an event, and each message follows the chunk that completes it
+    (messages are reassembled per port).  Errors follow :class:`ccidemu._wire.FrameStream`.
+    """
+
+    what = "vdagent stream"
 
     def __init__(self, max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        self.max_length = max_length
-        self._buffer = bytearray()
+        super().__init__(max_length)
         self._ports: dict[int, bytearray] = {}
-        self._events: deque[VdagentEvent] = deque()
-        self._pending_error: DecodeError | None = None
-        self._dead: DecodeError | None = None
-
-    @property
-    def dead(self) -> bool:
-        """True once next_event() has raised a DecodeError."""
-        return self._dead is not None
 
     @property
     def buffered(self) -> int:
         """Bytes held: an incomplete chunk plus incomplete messages on every port."""
         return len(self._buffer) + sum(len(b) for b in self._ports.values())
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes from the peer.  Raises DecodeError only if the stream is already dead."""
-        if self._dead is not None:
-            raise DecodeError(f"vdagent stream is dead after an earlier error: {self._dead}")
-        if self._pending_error is not None or not data:
-            return
-        buf = self._buffer
-        buf += data
+    def _broken(self) -> None:
+        self._ports.clear()
+
+    def _cut(self, buf: bytearray, events: deque[VdagentEvent]) -> int:
         start = 0
-        try:
-            while len(buf) - start >= CHUNK_HEADER_SIZE:
-                port, size = _CHUNK_HOT.unpack_from(buf, start)
-                check_length(size, self.max_length, "VDIChunk")
-                end = start + CHUNK_HEADER_SIZE + size
-                if end > len(buf):
-                    break
-                body = bytes(buf[start + CHUNK_HEADER_SIZE : end])
-                start = end
-                self._events.append(VdiChunk(_port(port), body))
-                self._feed_port(port, body)
-        except DecodeError as exc:
-            logger.debug("vdagent stream broken: %s", exc)
-            self._pending_error = exc
-            buf.clear()
-            self._ports.clear()
-            return
-        if start:
-            del buf[:start]
+        while len(buf) - start >= CHUNK_HEADER_SIZE:
+            port, size = _CHUNK_HOT.unpack_from(buf, start)
+            check_length(size, self.max_length, "VDIChunk")
+            end = start + CHUNK_HEADER_SIZE + size
+            if end > len(buf):
+                break
+            body = bytes(buf[start + CHUNK_HEADER_SIZE : end])
+            start = end
+            events.append(VdiChunk(_port(port), body))
+            self._feed_port(port, body)
+        return start
 
     def _feed_port(self, port: int, body: bytes) -> None:
         pending = self._ports.setdefault(port, bytearray())
@@ -275,14 +258,3 @@ class VdagentStream:
             )
         if start:
             del pending[:start]
-
-    def next_event(self) -> VdagentEvent | None:
-        """The next chunk or message, None if more bytes are needed; DecodeError once broken."""
-        if self._events:
-            return self._events.popleft()
-        if self._dead is not None:
-            raise DecodeError(f"vdagent stream is dead after an earlier error: {self._dead}")
-        if self._pending_error is not None:
-            self._dead = self._pending_error
-            raise self._pending_error
-        return None

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from construct import GreedyBytes, Int16ub, Prefixed
 
-from ccidemu._wire import build, check_length
+from ccidemu._wire import FrameStream, build, check_length
 from ccidemu.card import Card
 from ccidemu.errors import DecodeError, EncodeError
 
@@ -171,50 +171,30 @@ def describe_event(event: VpcdEvent) -> str:
     return type(event).__name__
 
 
-class VpcdConnection:
+class VpcdConnection(FrameStream[VpcdEvent]):
     """vpcd framing for one TCP stream.  No sockets here: feed bytes to receive_data(),
-    drain next_event() until None, write what send() returns."""
+    drain next_event() until None, write what send() returns.  Errors follow the contract
+    of :class:`ccidemu._wire.FrameStream`."""
+
+    what = "vpcd stream"
 
     def __init__(self, max_length: int = MAX_PAYLOAD) -> None:
         if not 1 <= max_length <= MAX_PAYLOAD:
             raise ValueError(f"max_length must be 1..{MAX_PAYLOAD}")
-        self._max_length = max_length
-        self._buffer = bytearray()
-        self._events: deque[VpcdEvent] = deque()
-        self._error: DecodeError | None = None
+        super().__init__(max_length)
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buffer)
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from vpcd.  Raises DecodeError if the stream is already broken."""
-        if self._error is not None:
-            raise DecodeError(f"vpcd stream is broken: {self._error}")
-        self._buffer += data
-
-    def next_event(self) -> VpcdEvent | None:
-        """The next complete frame as an event, None if more bytes are needed."""
-        if self._error is not None:
-            raise DecodeError(f"vpcd stream is broken: {self._error}")
-        if self._events:
-            return self._events.popleft()
-        if len(self._buffer) < LENGTH_SIZE:
-            return None
-        length = int.from_bytes(self._buffer[:LENGTH_SIZE], "big")
-        try:
-            _check_header(length, self._max_length)
-        except DecodeError as exc:
-            self._error = exc
-            self._buffer.clear()
-            raise
-        end = LENGTH_SIZE + length
-        if len(self._buffer) < end:
-            return None
-        payload = bytes(self._buffer[LENGTH_SIZE:end])
-        del self._buffer[:end]
-        return _event_for(payload)
+    def _cut(self, buf: bytearray, events: deque[VpcdEvent]) -> int:
+        start = 0
+        size = len(buf)
+        while size - start >= LENGTH_SIZE:
+            length = int.from_bytes(buf[start : start + LENGTH_SIZE], "big")
+            _check_header(length, self.max_length)
+            end = start + LENGTH_SIZE + length
+            if end > size:
+                break
+            events.append(_event_for(bytes(buf[start + LENGTH_SIZE : end])))
+            start = end
+        return start
 
     def send(self, payload: bytes) -> bytes:
         """The wire bytes that answer GET ATR or a command APDU with ``payload``."""

@@ -31,7 +31,6 @@ so that invalid UTF-8 from a peer round-trips exactly and never fails to decode;
 from __future__ import annotations
 
 import enum
-import logging
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from typing import ClassVar, Literal
 import construct
 from construct import Const, GreedyRange, Int32ub, Int32ul, Struct, Terminated, this
 
-from ccidemu._wire import DEFAULT_MAX_LENGTH, build, check_length, parse
+from ccidemu._wire import DEFAULT_MAX_LENGTH, FrameStream, build, check_length, parse
 from ccidemu.errors import DecodeError, EncodeError
 
 __all__ = [
@@ -72,7 +71,6 @@ __all__ = [
     "split_version",
 ]
 
-logger = logging.getLogger(__name__)
 
 ByteOrder = Literal["big", "little"]
 
@@ -508,80 +506,40 @@ def describe_vsc(msg: VscMessage, max_hex: int | None = 64) -> str:
     return f"{names[type(msg)]} {head}"
 
 
-class VscConnection:
+class VscConnection(FrameStream[VscMessage]):
     """VSCard framing for one chardev stream.  No sockets here: feed bytes to
     :meth:`receive_data`, drain :meth:`next_event` until None, write what :meth:`send` returns.
 
     Frames are cut out of the buffer as soon as they are complete, whatever the split of the
     incoming bytes.  A bad frame (over-long length, malformed payload) is reported by
-    :meth:`next_event` after the good frames before it; from then on the connection is dead.
+    :meth:`next_event` after the good frames before it; from then on the connection is dead
+    (the error contract of :class:`ccidemu._wire.FrameStream`).
     """
 
+    what = "VSCard connection"
+
     def __init__(self, byteorder: ByteOrder = "big", max_length: int = DEFAULT_MAX_LENGTH) -> None:
+        super().__init__(max_length)
         self._formats = _formats(byteorder)
         self.byteorder: ByteOrder = byteorder
-        self.max_length = max_length
-        self._buffer = bytearray()
-        self._events: deque[VscMessage] = deque()
-        self._pending_error: DecodeError | None = None
-        self._dead: DecodeError | None = None
 
-    @property
-    def dead(self) -> bool:
-        """True once next_event() has raised a DecodeError: the stream cannot be resynchronised."""
-        return self._dead is not None
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a complete frame."""
-        return len(self._buffer)
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes from the peer.  Raises DecodeError only if the connection is already dead."""
-        if self._dead is not None:
-            raise DecodeError(f"VSCard connection is dead after an earlier error: {self._dead}")
-        if self._pending_error is not None or not data:
-            return  # an error waits to be reported; nothing after it is worth keeping
-        buf = self._buffer
-        buf += data
+    def _cut(self, buf: bytearray, events: deque[VscMessage]) -> int:
         hot = self._formats.hot_header
+        formats = self._formats
         max_length = self.max_length
         start = 0
         size = len(buf)
-        try:
-            while size - start >= HEADER_SIZE:
-                type_, reader_id, length = hot.unpack_from(buf, start)
-                check_length(length, max_length, "VSCard payload")
-                end = start + HEADER_SIZE + length
-                if end > size:
-                    break
-                self._events.append(
-                    _decode_payload(
-                        type_, reader_id, bytes(buf[start + HEADER_SIZE : end]), self._formats
-                    )
-                )
-                start = end
-        except DecodeError as exc:
-            logger.debug("VSCard stream broken: %s", exc)
-            self._pending_error = exc
-            buf.clear()
-            return
-        if start:
-            del buf[:start]
-
-    def next_event(self) -> VscMessage | None:
-        """The next complete message, or None if more bytes are needed.
-
-        Raises DecodeError when the stream reaches a bad frame, and again on every later call.
-        """
-        if self._events:
-            return self._events.popleft()
-        if self._dead is not None:
-            raise DecodeError(f"VSCard connection is dead after an earlier error: {self._dead}")
-        if self._pending_error is not None:
-            self._dead = self._pending_error
-            raise self._pending_error
-        return None
+        while size - start >= HEADER_SIZE:
+            type_, reader_id, length = hot.unpack_from(buf, start)
+            check_length(length, max_length, "VSCard payload")
+            end = start + HEADER_SIZE + length
+            if end > size:
+                break
+            events.append(
+                _decode_payload(type_, reader_id, bytes(buf[start + HEADER_SIZE : end]), formats)
+            )
+            start = end
+        return start
 
     def send(self, msg: VscMessage) -> bytes:
         """The bytes to write to the peer for ``msg`` (in this connection's byte order)."""
