@@ -47,6 +47,9 @@ INS_GET_RESPONSE = 0xC0
 DEFAULT_MAX_CHAIN = 65535
 
 
+_OK = b"\x90\x00"
+
+
 def _sw(sw: int) -> bytes:
     return (sw & 0xFFFF).to_bytes(2, "big")
 
@@ -87,8 +90,42 @@ class IsoDispatcher:
 
     def process(self, apdu: bytes) -> bytes:
         """Answer one command APDU; always returns data + SW1 SW2, never raises."""
+        # one function for the whole path (steps 1-6): this runs for every APDU
         try:
-            return self._process(apdu)
+            try:
+                cmd = parse_command(apdu)
+            except DecodeError as exc:
+                log.debug("malformed command APDU %s: %s", bytes(apdu).hex(), exc)
+                self._pending = b""
+                return _sw(SW.WRONG_LENGTH)
+            cla, ins = cmd.cla, cmd.ins
+            if cla not in self._accepted:
+                self._pending = b""
+                return _sw(self._class_error(cla))
+            chain_pending = self._chain.pending
+            if ins == INS_GET_RESPONSE and not chain_pending:
+                return self._get_response(cmd)
+            self._pending = b""
+            handler = self._handlers.get(ins)
+            if handler is None:
+                self._chain.reset()
+                return _sw(SW.INS_NOT_SUPPORTED)
+            if cla & CLA_CHAINING or chain_pending:
+                if ins not in self._chaining:
+                    self._chain.reset()
+                    return _sw(SW.COMMAND_CHAINING_NOT_SUPPORTED)
+                try:
+                    joined = self._chain.feed(cmd)
+                except ChainError as exc:
+                    return _sw(exc.sw)
+                if joined is None:
+                    return _OK
+                cmd = joined
+            data = handler(cmd)
+            limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
+            if len(data) <= limit:  # step 6, the common case inline
+                return data + _OK
+            return self._send(data, limit)
         except StatusWordError as exc:
             self._pending = b""
             return _sw(exc.sw)
@@ -106,44 +143,10 @@ class IsoDispatcher:
                 return SW.LOGICAL_CHANNEL_NOT_SUPPORTED
         return SW.CLA_NOT_SUPPORTED
 
-    def _process(self, apdu: bytes) -> bytes:
-        try:
-            cmd = parse_command(apdu)
-        except DecodeError as exc:
-            log.debug("malformed command APDU %s: %s", bytes(apdu).hex(), exc)
-            self._pending = b""
-            return _sw(SW.WRONG_LENGTH)
-        if cmd.cla not in self._accepted:
-            self._pending = b""
-            return _sw(self._class_error(cmd.cla))
-        if cmd.ins == INS_GET_RESPONSE and not self._chain.pending:
-            return self._get_response(cmd)
-        self._pending = b""
-        handler = self._handlers.get(cmd.ins)
-        if handler is None:
-            self._chain.reset()
-            return _sw(SW.INS_NOT_SUPPORTED)
-        if cmd.chained or self._chain.pending:
-            if cmd.ins not in self._chaining:
-                self._chain.reset()
-                return _sw(SW.COMMAND_CHAINING_NOT_SUPPORTED)
-            try:
-                joined = self._chain.feed(cmd)
-            except ChainError as exc:
-                return _sw(exc.sw)
-            if joined is None:
-                return _sw(SW.OK)
-            cmd = joined
-        return self._respond(handler(cmd), cmd)
-
-    def _respond(self, data: bytes, cmd: CommandApdu) -> bytes:
-        limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
-        return self._send(data, limit)
-
     def _send(self, data: bytes, limit: int) -> bytes:
         if len(data) <= limit:
             self._pending = b""
-            return data + _sw(SW.OK)
+            return data + _OK
         self._pending = data[limit:]
         left = min(len(self._pending), 256) & 0xFF
         return data[:limit] + bytes((0x61, left))

@@ -8,7 +8,8 @@ Pure: no file I/O, no clocks.  Everything a command can change lives in one
 Theory of operation: the PIV application is the card's only and default application
 (SP 800-73-4 part 2 section 3.1.1); SELECT by its full or right-truncated AID answers
 the application property template.  Security status (SP 800-73-4 part 1 section 4.2):
-``pin_verified`` after a good VERIFY, cleared by VERIFY P1=FF and power-off;
+``pin_verified`` after a good VERIFY, cleared by VERIFY P1=FF, power-off and a SELECT
+of the PIV application (all three flags; see :meth:`PivCard._select`);
 ``pin_always`` (slot 9C, "PIN always") set by a good VERIFY and consumed by one 9C
 operation; ``admin`` after management key (9B) authentication, needed by GENERATE
 ASYMMETRIC KEY PAIR, PUT DATA and SET MANAGEMENT KEY.
@@ -24,10 +25,11 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar, cast
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidKey, UnsupportedAlgorithm
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -137,6 +139,10 @@ CERT_OBJECTS: dict[int, int] = {
     0x9E: ObjectTag.CERT_9E,
     **{slot: 0x5FC10D + i for i, slot in enumerate(RETIRED_SLOTS)},
 }
+
+#: The certificate objects of the retired key slots 82-95 (5FC10D-5FC120).
+_RETIRED_CERT_OBJECTS = frozenset(CERT_OBJECTS[slot] for slot in RETIRED_SLOTS)
+_KEY_HISTORY = int(ObjectTag.KEY_HISTORY)
 
 #: Objects whose read needs the PIN (SP 800-73-4 part 1 table 3, "access rule for read").
 PIN_PROTECTED_OBJECTS = frozenset(
@@ -281,21 +287,41 @@ def key_algorithm(key: PrivateKey) -> int:
 
 
 # PKCS#1 v1.5 DigestInfo prefixes (RFC 8017 section 9.2, note 1).
-_DIGEST_INFO: dict[bytes, hashes.HashAlgorithm] = {
-    bytes.fromhex("3021300906052b0e03021a05000414"): hashes.SHA1(),
-    bytes.fromhex("302d300d06096086480165030402040500041c"): hashes.SHA224(),
-    bytes.fromhex("3031300d060960864801650304020105000420"): hashes.SHA256(),
-    bytes.fromhex("3041300d060960864801650304020205000430"): hashes.SHA384(),
-    bytes.fromhex("3051300d060960864801650304020305000440"): hashes.SHA512(),
+_DIGEST_INFO: dict[bytes, Prehashed] = {
+    bytes.fromhex("3021300906052b0e03021a05000414"): Prehashed(hashes.SHA1()),
+    bytes.fromhex("302d300d06096086480165030402040500041c"): Prehashed(hashes.SHA224()),
+    bytes.fromhex("3031300d060960864801650304020105000420"): Prehashed(hashes.SHA256()),
+    bytes.fromhex("3041300d060960864801650304020205000430"): Prehashed(hashes.SHA384()),
+    bytes.fromhex("3051300d060960864801650304020305000440"): Prehashed(hashes.SHA512()),
 }
+_PKCS1V15 = padding.PKCS1v15()
+try:  # PKCS#1 v1.5 signatures over arbitrary T: cryptography 47 and later
+    from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo
+
+    _NO_DIGEST_INFO: NoDigestInfo | None = NoDigestInfo()
+except ImportError:  # pragma: no cover - older cryptography: the integer path instead
+    _NO_DIGEST_INFO = None
 _PREFIX_LENGTH = 19  # SHA-1's is 15; all others 19
 
 
 def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
     """The raw RSA private operation block^d mod n (RFC 8017 section 5.1.2, RSADP/RSASP1).
 
-    Fast path: a PKCS#1 v1.5 type 1 block carrying a known DigestInfo is exactly what
-    OpenSSL's deterministic PKCS#1 v1.5 signature computes, so it is signed there.
+    The card must return the exact result for whatever block the host padded (PIV
+    GENERAL AUTHENTICATE is raw RSA), but ``cryptography`` offers no unpadded private
+    operation (pyca/cryptography issue 2735: deliberately unsupported).  So:
+
+    1. a PKCS#1 v1.5 type 1 block (00 01, at least 8 FF, 00, T) is exactly what
+       OpenSSL's deterministic PKCS#1 v1.5 signature computes: T is signed there, with
+       ``Prehashed`` when T is a known DigestInfo, else (TLS 1.0 MD5+SHA-1, unknown
+       hashes) with ``NoDigestInfo`` (cryptography 47 and later);
+    2. anything else (decryption of type 2 / OAEP blocks, host-side PSS, raw blocks)
+       is computed here with Python integers (CRT, about 5 ms for RSA-2048).  The
+       result cannot be had from ``key.decrypt``: it returns the message without the
+       random padding the card must give back.  Python's ``pow`` is not constant-time;
+       the input is blinded (c * r^e, result times r^-1) so the timing does not follow
+       the host's input, but the exponent's own timing is not hidden.  Acceptable for a
+       test emulator whose keys are files on the same host; not a hardware token.
     """
     k = (key.key_size + 7) // 8
     if len(block) != k:
@@ -307,17 +333,22 @@ def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
             for prefix_len in (15, _PREFIX_LENGTH):
                 algorithm = _DIGEST_INFO.get(info[:prefix_len])
                 if algorithm is not None and len(info) == prefix_len + algorithm.digest_size:
-                    return key.sign(info[prefix_len:], padding.PKCS1v15(),
-                                    Prehashed(algorithm))
+                    return key.sign(info[prefix_len:], _PKCS1V15, algorithm)
+            if _NO_DIGEST_INFO is not None:
+                return key.sign(info, _PKCS1V15, _NO_DIGEST_INFO)
     numbers = key.private_numbers()
-    n = numbers.public_numbers.n
+    public = numbers.public_numbers
+    n = public.n
     c = int.from_bytes(block, "big")
     if c >= n:
         raise StatusWordError(SW.WRONG_DATA, "RSA input not below the modulus")
+    r = secrets.randbelow(n - 2) + 2  # coprime to n unless it finds a factor of n
+    c = c * pow(r, public.e, n) % n
     m1 = pow(c, numbers.dmp1, numbers.p)
     m2 = pow(c, numbers.dmq1, numbers.q)
     h = (numbers.iqmp * (m1 - m2)) % numbers.p
-    return (m2 + h * numbers.q).to_bytes(k, "big")
+    m = (m2 + h * numbers.q) * pow(r, -1, n) % n
+    return m.to_bytes(k, "big")
 
 
 _ECDSA_BY_SIZE: dict[int, ec.ECDSA] = {
@@ -336,6 +367,60 @@ def _ecdsa_sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
         raise StatusWordError(SW.WRONG_DATA, "empty ECDSA input")
     fitted = digest if len(digest) == size else digest[:size].rjust(size, b"\x00")
     return key.sign(fitted, _ECDSA_BY_SIZE[size])
+
+
+@dataclass(frozen=True, slots=True)
+class _SlotKey:
+    """What GENERAL AUTHENTICATE needs of one slot's key, worked out once per key.
+
+    Exactly one of ``rsa_key`` / ``ec_key`` is set (both are ``key``, typed); for EC
+    keys ``size`` is the field size in bytes and ``ecdsa`` the signature algorithm
+    object for a hash of exactly that size.
+    """
+
+    key: PrivateKey
+    algorithm: int
+    rsa_key: rsa.RSAPrivateKey | None
+    ec_key: ec.EllipticCurvePrivateKey | None
+    size: int
+    ecdsa: ec.ECDSA | None
+
+
+def _slot_key(key: PrivateKey) -> _SlotKey:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return _SlotKey(key, key_algorithm(key), key, None, 0, None)
+    size = (key.curve.key_size + 7) // 8
+    return _SlotKey(key, key_algorithm(key), None, key, size, _ECDSA_BY_SIZE[size])
+
+
+def _challenge_forms(largest: int) -> dict[int, tuple[bytes, int]]:
+    """Total length -> (header, header length) of ``7C { 82 00, 81 challenge }``.
+
+    The form every client sends to sign or decrypt (part 2 section 3.2.4), with the
+    shortest BER lengths.  The total length decides the
+    challenge length (it grows with it), so one dict lookup and one ``startswith``
+    recognise the template without decoding it.  Other encodings (82 after 81, long
+    length forms) go through the general decoder and end the same way.
+    """
+    forms: dict[int, tuple[bytes, int]] = {}
+    for size in range(1, largest + 1):
+        inner = b"\x82\x00\x81" + ber_length(size)
+        header = b"\x7c" + ber_length(len(inner) + size) + inner
+        forms[len(header) + size] = (header, len(header))
+    return forms
+
+
+#: Challenges up to 512 bytes: RSA-4096 blocks and every hash.
+_CHALLENGE_FORMS = _challenge_forms(512)
+
+
+def _auth_response(result: bytes) -> bytes:
+    """The response template 7C { 82 result } (part 2 section 3.2.4)."""
+    n = len(result)
+    if n < 0x7E:  # both lengths in short form
+        return bytes((0x7C, n + 2, 0x82, n)) + result
+    inner = b"\x82" + ber_length(n) + result
+    return b"\x7c" + ber_length(len(inner)) + inner
 
 
 # --- the card ----------------------------------------------------------------------------
@@ -406,9 +491,10 @@ class PivCard:
         self.state = state
         self._on_change = on_change
         self._label = label
+        self._select_response = application_property_template(label)
         self._rng = rng
-        # slot -> (key, algorithm, is RSA): saves the type checks on every signature
-        self._algorithms: dict[int, tuple[PrivateKey, int, bool]] = {}
+        # slot -> what signing with that slot's key needs (rebuilt when the key changes)
+        self._slot_keys: dict[int, _SlotKey] = {}
         self._dispatcher = IsoDispatcher(
             {
                 INS_SELECT: self._select,
@@ -470,9 +556,21 @@ class PivCard:
         if cmd.p1 != 0x04:
             raise StatusWordError(SW.INCORRECT_P1P2)
         if len(cmd.data) < MIN_SELECT_AID or not PIV_AID.startswith(cmd.data):
+            # SP 800-73-4 part 2 section 3.1.1: an AID the card does not know leaves the
+            # PIV application selected and its security status unchanged.
             raise StatusWordError(SW.FILE_NOT_FOUND)
+        # A SELECT of the PIV application itself starts a fresh session: PIN, "PIN
+        # always" and management key status are cleared.  Section 3.1.1 does not
+        # mandate this for re-selecting the already selected application (it only
+        # fixes the unknown-AID case above), so either choice conforms; we reset as a
+        # YubiKey does because (a) yubico-piv-tool relies on it (its "status" expects
+        # VERIFY without data to answer 63Cx after its own SELECT) and (b) QEMU never
+        # passes guest resets to the card (PROTOCOL-NOTES section 1), so SELECT is the
+        # only sign a rebooted guest gives.  The Discovery object keeps OpenSC from
+        # re-SELECTing on every lock (PROTOCOL-NOTES section 5).
+        self.pin_verified = self.pin_always = self.admin = False
         self._witness = self._challenge = None
-        return application_property_template(self._label)
+        return self._select_response
 
     # -- GET DATA / PUT DATA (part 2 sections 3.1.2 and 3.3.2) --
 
@@ -520,8 +618,34 @@ class PivCard:
             self.state.objects[tag] = obj.encode()
         else:
             self.state.objects.pop(tag, None)
+        if tag in _RETIRED_CERT_OBJECTS:
+            self._update_key_history()
         self._changed()
         return b""
+
+    def _update_key_history(self) -> None:
+        """Recount C1 of the Key History object after a retired certificate changed.
+
+        SP 800-73-4 part 1 appendix A table 19: keysWithOnCardCerts (C1) is the
+        number of retired keys whose certificate is on the card.  C2 (off-card
+        certificates) and the F3 URL are the issuer's to set and are kept as stored.
+        """
+        objects = self.state.objects
+        on_card = sum(1 for t in _RETIRED_CERT_OBJECTS if t in objects)
+        old = objects.get(_KEY_HISTORY)
+        items: list[tuple[int, bytes]] = []
+        if old is not None:
+            try:
+                items = [(t.tag, t.value) for t in _template(old, 0x53)]
+            except StatusWordError:  # unreadable: rebuilt from scratch
+                items = []
+        if not items:
+            objects[_KEY_HISTORY] = key_history_object(on_card)
+            return
+        items = [(t, bytes((on_card,)) if t == 0xC1 else v) for t, v in items]
+        if all(t != 0xC1 for t, _ in items):
+            items.insert(0, (0xC1, bytes((on_card,))))
+        objects[_KEY_HISTORY] = ber_encode(0x53, ber_encode_tlvs(items))
 
     # -- VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER (part 2 sections 3.2.1-3.2.3) --
 
@@ -609,41 +733,75 @@ class PivCard:
     # -- GENERAL AUTHENTICATE (part 2 section 3.2.4) --
 
     def _general_authenticate(self, cmd: CommandApdu) -> bytes:
+        data = cmd.data
+        slot = cmd.p2
+        form = _CHALLENGE_FORMS.get(len(data))
+        if form is None or slot == 0x9B or not data.startswith(form[0]):
+            return self._general_authenticate_template(cmd)
+        # The signing hot path: 7C { 82 00, 81 challenge } to a key slot.  Same checks,
+        # same order as _general_authenticate_template (the template is known valid).
+        entry = self._slot_keys.get(slot)
+        if (entry is None or entry.key is not self.state.keys.get(slot)
+                or entry.algorithm != cmd.p1):
+            entry = self._slot_key(slot, cmd.p1)  # (re)built, or the error raised
+        if slot == 0x9E:  # access rules as in _check_key_access, inlined
+            pass
+        elif slot == 0x9C:
+            if not self.pin_always:
+                raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN always")
+            self.pin_always = False
+        elif not self.pin_verified:
+            raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
+        challenge = data[form[1]:]
+        if entry.ecdsa is not None and entry.ec_key is not None and len(challenge) == entry.size:
+            return _auth_response(entry.ec_key.sign(challenge, entry.ecdsa))
+        return _auth_response(self._challenge_operation(entry, challenge))
+
+    def _general_authenticate_template(self, cmd: CommandApdu) -> bytes:
+        """GENERAL AUTHENTICATE, any template (part 2 section 3.2.4)."""
         fields: dict[int, bytes] = {}
         for item in _template(cmd.data, 0x7C):
             if item.tag in fields:
                 raise StatusWordError(SW.WRONG_DATA, f"tag {item.tag:X} repeated")
             fields[item.tag] = item.value
         slot = cmd.p2
-        if slot == 0x9B:  # KeyRef.MANAGEMENT
+        if slot == KeyRef.MANAGEMENT:
             return self._management_auth(cmd.p1, fields)
-        if slot not in _ASYMMETRIC_SLOT_SET:
-            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
-        key = self.state.keys.get(slot)
-        if key is None:
-            raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {slot:02X}")
-        cached = self._algorithms.get(slot)
-        if cached is None or cached[0] is not key:
-            cached = self._algorithms[slot] = (
-                key, key_algorithm(key), isinstance(key, rsa.RSAPrivateKey))
-        _, algorithm, is_rsa = cached
-        if cmd.p1 != algorithm:
-            raise StatusWordError(SW.INCORRECT_P1P2, "algorithm does not match the key")
+        entry = self._slot_key(slot, cmd.p1)
         if fields.get(0x82) != b"" or len(fields) != 2:
             raise StatusWordError(SW.WRONG_DATA, "expected 82 00 with 81 or 85")
         self._check_key_access(slot)
         data = fields.get(0x81)
         if data is not None:
-            if is_rsa:
-                result = _raw_rsa(cast(rsa.RSAPrivateKey, key), data)
-            else:
-                result = _ecdsa_sign(cast(ec.EllipticCurvePrivateKey, key), data)
-        elif 0x85 in fields and not is_rsa:
-            result = self._ecdh(cast(ec.EllipticCurvePrivateKey, key), fields[0x85])
+            result = self._challenge_operation(entry, data)
+        elif 0x85 in fields and entry.ec_key is not None:
+            result = self._ecdh(entry.ec_key, fields[0x85])
         else:
             raise StatusWordError(SW.WRONG_DATA, "expected one of 81 or 85")
-        inner = b"\x82" + ber_length(len(result)) + result
-        return b"\x7c" + ber_length(len(inner)) + inner
+        return _auth_response(result)
+
+    def _slot_key(self, slot: int, algorithm: int) -> _SlotKey:
+        """The key of an asymmetric slot, checked against the command's algorithm."""
+        if slot not in _ASYMMETRIC_SLOT_SET:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
+        key = self.state.keys.get(slot)
+        if key is None:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {slot:02X}")
+        entry = self._slot_keys.get(slot)
+        if entry is None or entry.key is not key:
+            entry = self._slot_keys[slot] = _slot_key(key)
+        if algorithm != entry.algorithm:
+            raise StatusWordError(SW.INCORRECT_P1P2, "algorithm does not match the key")
+        return entry
+
+    @staticmethod
+    def _challenge_operation(entry: _SlotKey, data: bytes) -> bytes:
+        """The 81 operation: raw RSA (signature or decryption) or ECDSA of a hash."""
+        if entry.rsa_key is not None:
+            return _raw_rsa(entry.rsa_key, data)
+        if entry.ec_key is None:  # pragma: no cover - _slot_key sets one of the two
+            raise StatusWordError(SW.NO_PRECISE_DIAGNOSIS, "key of no known type")
+        return _ecdsa_sign(entry.ec_key, data)
 
     def _check_key_access(self, slot: int) -> None:
         """Access rules (SP 800-73-4 part 1 table 4b): 9E none, 9C PIN always, else PIN."""

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ccidemu.apdu import CommandApdu, split_chain
@@ -132,6 +132,32 @@ def test_select_answers_the_application_property_template(card: PivCard, apdu: s
 )
 def test_select_refusals(card: PivCard, apdu: str, sw: int) -> None:
     assert send(card, apdu)[1] == sw
+
+
+@pytest.mark.parametrize("select", ["00a4040005a000000308", "00a4040009a0000003080000100000"])
+def test_select_clears_pin_and_management_key_status(card: PivCard, select: str) -> None:
+    """Re-SELECTing PIV starts a fresh session (as a YubiKey; see PivCard._select)."""
+    h32 = os.urandom(32)
+    assert verify_pin(card) == 0x9000
+    assert mutual_auth(card) == 0x9000
+    assert send(card, "0020008000")[1] == 0x9000  # VERIFY status: verified
+    assert send(card, select)[1] == 0x9000
+    assert send(card, "0020008000")[1] == 0x63C3  # not verified, 3 tries left
+    assert not card.admin and not card.pin_verified
+    assert send(card, "00db3fff075c035fc10d5300")[1] == 0x6982  # PUT DATA needs 9B again
+    assert general_authenticate(card, Algorithm.ECCP256, 0x9C, 0x81, h32)[1] == 0x6982
+    # an unknown AID leaves the status unchanged (part 2 section 3.1.1)
+    assert verify_pin(card) == 0x9000
+    assert mutual_auth(card) == 0x9000
+    assert send(card, "00a4040007a0000000031010")[1] == 0x6A82
+    assert send(card, "0020008000")[1] == 0x9000
+    assert card.admin
+    # a 9B witness requested before the SELECT is forgotten
+    assert send(card, CommandApdu(0, 0x87, 3, 0x9B, bytes.fromhex("7c028000"), 256))[1] == 0x9000
+    assert send(card, select)[1] == 0x9000
+    stale = ber_encode(0x7C, ber_encode(0x80, bytes(8)) + ber_encode(0x81, bytes(8))
+                       + ber_encode(0x82, b""))
+    assert send(card, CommandApdu(0, 0x87, 3, 0x9B, stale, 256))[1] == 0x6982
 
 
 # --- GET DATA (part 2 section 3.1.2, part 1 appendix A) ----------------------------------
@@ -316,6 +342,51 @@ def test_rsa_raw_block_without_digest_info(card: PivCard) -> None:
         block, "big")
 
 
+def _raw_check(card: PivCard, block: bytes) -> bytes:
+    signature, sw = general_authenticate(card, Algorithm.RSA2048, 0x9A, 0x81, block)
+    assert sw == 0x9000
+    public = cert("9a").public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    numbers = public.public_numbers()
+    assert pow(int.from_bytes(signature, "big"), numbers.e, numbers.n) == int.from_bytes(
+        block, "big")
+    return signature
+
+
+def test_rsa_type1_blocks_are_signed_by_openssl(card: PivCard,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any PKCS#1 v1.5 type 1 block goes to cryptography (constant-time, blinded):
+    known DigestInfo (Prehashed), unknown or none (NoDigestInfo), even an empty T."""
+    import ccidemu.cards.piv as piv
+
+    if piv._NO_DIGEST_INFO is None:
+        pytest.skip("cryptography < 47 has no NoDigestInfo")
+
+    def no_integers(_: int) -> int:
+        raise AssertionError("the Python integer path was used")
+
+    monkeypatch.setattr("ccidemu.cards.piv.secrets.randbelow", no_integers)
+    verify_pin(card)
+    sha3 = bytes.fromhex("3031300d060960864801650304020805000420")  # SHA3-256 DigestInfo
+    for payload in (SHA256_INFO + os.urandom(32), sha3 + os.urandom(32), os.urandom(36),
+                    b"", os.urandom(256 - 11)):
+        _raw_check(card, _pkcs1_type1(256, payload))
+
+
+def test_rsa_raw_blocks_use_the_blinded_integer_path(card: PivCard) -> None:
+    """Blocks that are not type 1 (host PSS, raw): block^d mod n; at or above n: 6A80."""
+    verify_pin(card)
+    for block in (b"\x00" + os.urandom(255), b"\x00\x01\xff\x00" + os.urandom(252),
+                  b"\x00\x02" + os.urandom(254), bytes(256), bytes(255) + b"\x01"):
+        _raw_check(card, block)
+    public = cert("9a").public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    n = public.public_numbers().n
+    for too_big in (n, n + 1, (1 << 2048) - 1):
+        assert general_authenticate(card, Algorithm.RSA2048, 0x9A, 0x81,
+                                    too_big.to_bytes(256, "big"))[1] == 0x6A80
+
+
 def test_rsa_decrypt_9d(card: PivCard) -> None:
     public = cert("9d").public_key()
     assert isinstance(public, rsa.RSAPublicKey)
@@ -409,6 +480,60 @@ def test_security_conditions(card: PivCard) -> None:
 )
 def test_general_authenticate_refusals(card: PivCard, apdu: str, sw: int) -> None:
     assert send(card, apdu)[1] == sw
+
+
+def _signature_value(out: bytes) -> bytes | None:
+    return ber_find(ber_find(out, 0x7C) or b"", 0x82) if out else None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    target=st.sampled_from([  # (slot, algorithm): the fixture keys, then mismatches
+        (0x9A, Algorithm.RSA2048), (0x9C, Algorithm.ECCP256), (0x9D, Algorithm.RSA2048),
+        (0x9E, Algorithm.ECCP384), (0x9A, Algorithm.ECCP256), (0x82, Algorithm.RSA2048),
+        (0x9B, Algorithm.TDES), (0x80, Algorithm.RSA2048)]),
+    challenge=st.one_of(
+        st.binary(min_size=1, max_size=300),  # EC: any length; 120-130 cross 7C 7F/81 80
+        st.binary(min_size=32, max_size=32).map(
+            lambda h: _pkcs1_type1(256, SHA256_INFO + h)),  # RSA fast (DigestInfo) path
+        st.binary(min_size=255, max_size=255).map(lambda b: b"\x00" + b),  # raw RSA
+        st.just(b"")),
+    pin=st.booleans() | st.just(True),
+)
+def test_signing_fast_path_matches_the_general_template(
+        config: CardConfig, target: tuple[int, int], challenge: bytes, pin: bool) -> None:
+    """7C {82 00, 81 c} (the recognised fast form) and 7C {81 c, 82 00} (decoded in full)
+    give the same status word, the same state and, RSA being deterministic, the same
+    bytes; ECDSA signatures are checked against the certificate."""
+    cards = [PivCard(_fresh(config)) for _ in range(2)]
+    templates = [ber_encode(0x7C, ber_encode(0x82, b"") + ber_encode(0x81, challenge)),
+                 ber_encode(0x7C, ber_encode(0x81, challenge) + ber_encode(0x82, b""))]
+    slot, alg = target
+    results = []
+    for card, template in zip(cards, templates, strict=True):
+        card.power_on()
+        if pin:
+            assert verify_pin(card) == 0x9000
+        out, sw = send(card, CommandApdu(0, 0x87, alg, slot, template, 65536, extended=True))
+        results.append((out, sw, card.pin_verified, card.pin_always))
+    (fast, sw, *flags), (slow, sw2, *flags2) = results
+    event(f"SW {sw:04X}")
+    assert (sw, flags) == (sw2, flags2)
+    if sw != 0x9000:
+        return
+    value = _signature_value(fast)
+    assert value is not None and _signature_value(slow) is not None
+    assert fast == ber_encode(0x7C, ber_encode(0x82, value))
+    public = cert(f"{slot:02x}").public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        assert fast == slow
+    else:
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        size = (public.curve.key_size + 7) // 8
+        fitted = challenge[:size].rjust(size, b"\x00")
+        hash_ = hashes.SHA256() if size == 32 else hashes.SHA384()
+        for out in (fast, slow):
+            public.verify(_signature_value(out) or b"", fitted, ec.ECDSA(Prehashed(hash_)))
 
 
 # --- card management key 9B (part 2 appendix A.1; SP 800-78-4 table 6-2) ------------
@@ -540,6 +665,34 @@ def test_put_data_certificate_with_chaining(card: PivCard) -> None:
     assert send(card, "00cb3fff055c035fc10d00")[1] == 0x6A82
     assert send(card, "00db3fff075c035fc0015300")[1] == 0x6A80  # not a PIV object
     assert send(card, "00db3fff075c035fc1025400")[1] == 0x6A80  # not a 53 object
+
+
+def test_put_data_of_retired_certificates_updates_key_history(card: PivCard) -> None:
+    """Part 1 table 19: C1 = retired keys with their certificate on the card."""
+    def key_history() -> bytes:
+        data, sw = send(card, "00cb3fff055c035fc10c00")
+        assert sw == 0x9000
+        return data
+
+    def put(tag: str, obj: bytes) -> None:
+        assert send(card, CommandApdu(0, 0xDB, 0x3F, 0xFF, bytes.fromhex("5c03" + tag) + obj)
+                    )[1] == 0x9000
+
+    cert_obj = bytes.fromhex("530a" "7003300100" "710100" "fe00")
+    assert key_history() == bytes.fromhex("5308c10100c20100fe00")
+    assert external_auth(card) == 0x9000
+    put("5fc10d", cert_obj)  # slot 82
+    put("5fc120", cert_obj)  # slot 95
+    assert key_history() == bytes.fromhex("5308c10102c20100fe00")
+    put("5fc105", cert_obj)  # 9A is not a retired slot
+    assert key_history() == bytes.fromhex("5308c10102c20100fe00")
+    put("5fc10d", bytes.fromhex("5300"))  # deleted
+    assert key_history() == bytes.fromhex("5308c10101c20100fe00")
+    # the issuer's own C2 and off-card URL (F3) are kept
+    put("5fc10c", bytes.fromhex("5310" "c10100" "c20105" "f306" + b"http:/".hex() + "fe00"))
+    put("5fc10e", cert_obj)
+    assert key_history() == bytes.fromhex("5310" "c10102" "c20105" "f306" + b"http:/".hex()
+                                          + "fe00")
 
 
 def test_set_management_key_yubikey_extension(card: PivCard) -> None:

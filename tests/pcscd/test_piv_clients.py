@@ -173,6 +173,19 @@ def test_ykpiv_status_and_verify_pin(piv: PivSetup) -> None:
     assert "Successfully verified PIN" in piv.ykpiv("-a", "verify-pin", "-P", PIN)
 
 
+def test_select_forgets_a_pin_verified_by_another_client(piv: PivSetup) -> None:
+    """OpenSC leaves the card verified (SCardDisconnect with LEAVE_CARD); the next client's
+    SELECT must start from scratch: yubico-piv-tool's status sends VERIFY without data
+    after its SELECT and prints the 63Cx count ("-1" if the card said 9000)."""
+    data, sig = _sign(piv, "01", "SHA256-RSA-PKCS")
+    _verify(piv.cert("9a"), sig, data)
+    status = piv.ykpiv("-a", "status")
+    assert re.search(r"PIN tries left:\s*3", status), status
+    # and OpenSC still works afterwards (it VERIFYs again in its own session)
+    data, sig = _sign(piv, "02", "ECDSA-SHA256")
+    _verify(piv.cert("9c"), sig, data)
+
+
 def _issue(piv: PivSetup, public_pem: Path, cn: str) -> Path:
     """A certificate for a card-generated public key, signed by the fixture CA
     (Debian's yubico-piv-tool 2.2 cannot self-sign under OpenSSL 3)."""
