@@ -3,7 +3,13 @@
 1. Single session over a unix socket: APDU round trips per second and p50/p99 latency through
    ``ccidemu serve --listen`` (test card), against a minimal raw-socket VSCard responder that
    answers every APDU with 9000 (no framework), measured in the same run with the same driver.
-   The driver plays QEMU (chardev client) with raw VSCard frames.
+   Two drivers play QEMU (chardev client): one with raw VSCard frames (the leanest client,
+   so the daemon's own cost shows most), one with the harness's QEMU side (vmc.fakeqemu's
+   sans-I/O core: each APDU a CCID XfrBlock, as from a guest).  The driver and both peers
+   are pinned to one CPU for these rounds (``--no-pin`` to not): on a VM a cross-CPU wake-up
+   costs tens of microseconds and the scheduler places the processes differently from run to
+   run, so unpinned figures are bimodal (5 or 60 us per round trip) and say nothing about our
+   code.
 2. Load: N concurrent sessions x M APDUs each (asyncio VSCard clients), every APDU an echo
    (``80 E0``, test card) carrying a payload unique to (session, index): any lost or misrouted
    response is detected.  Aggregate rate, p99 latency, the daemon's RSS.
@@ -22,7 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from ccidemu.ccid import CcidDataBlock, CcidIccPowerOn, CcidMessage, CcidXfrBlock
+from vmc.fakeqemu import FakeQemuCore
 
 _HDR = struct.Struct(">III")
 _INIT = 1
@@ -144,6 +154,61 @@ def single_session(path: str, count: int) -> tuple[float, float, float]:
     return count / elapsed, lat[len(lat) // 2] / 1000, lat[int(len(lat) * 0.99)] / 1000
 
 
+def single_session_harness(path: str, count: int) -> tuple[float, float, float]:
+    """As :func:`single_session`, driven by the harness's QEMU side (vmc.fakeqemu).
+
+    ``FakeQemuCore`` plays ccid-card-passthru and the usb-ccid slot in this thread: every APDU
+    goes in as a CCID XfrBlock, over VSCard to the card side, and back as a DataBlock, as a
+    guest's would.  No reader thread: the core is sans-I/O and this loop does the socket.
+    """
+    core = FakeQemuCore("client")
+    sock = _connect(path)
+
+    def exchange(until: Callable[[], CcidMessage | bool | None]) -> CcidMessage | bool:
+        while True:
+            out = core.data_to_send()
+            if out:
+                sock.sendall(out)
+            got = until()
+            if got:
+                return got
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("card side closed")
+            core.receive_data(data)
+
+    def data_block() -> CcidMessage | None:
+        while (msg := core.next_ccid()) is not None:
+            if isinstance(msg, CcidDataBlock):
+                return msg
+        return None
+
+    core.connected()
+    exchange(core.card_present)
+    core.send_ccid(CcidIccPowerOn(0, 0))
+    exchange(data_block)
+    lat: list[int] = []
+    seq = 1
+    for i in range(200 + count):  # 200 warm-up exchanges first
+        if i == 200:
+            start = time.perf_counter()
+        t0 = time.perf_counter_ns()
+        core.send_ccid(CcidXfrBlock(0, seq, _BARE_APDU))
+        answer = exchange(data_block)
+        if i >= 200:
+            lat.append(time.perf_counter_ns() - t0)
+        if not isinstance(answer, CcidDataBlock) or answer.data != b"\x90\x00":
+            raise AssertionError(f"bad answer {answer}")
+        seq = (seq + 1) & 0xFF
+        if i % 1000 == 0:  # the core records every message for tests; keep the bench flat
+            core.received.clear()
+            core.sent.clear()
+    elapsed = time.perf_counter() - start
+    sock.close()
+    lat.sort()
+    return count / elapsed, lat[len(lat) // 2] / 1000, lat[int(len(lat) * 0.99)] / 1000
+
+
 # ------------------------------------------------------------------ load: many sessions
 
 
@@ -198,6 +263,12 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Set the CPU affinity of every thread of process ``pid``."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
 def _start_serve(path: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "vmc", "-q", "serve", "--listen", f"unix:{path}",
@@ -208,10 +279,14 @@ def _start_serve(path: str) -> subprocess.Popen[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--echo-peer", metavar="PATH", help=argparse.SUPPRESS)
-    parser.add_argument("--count", type=int, default=20000, help="APDUs, single session")
+    parser.add_argument("--count", type=int, default=10000, help="APDUs, single session")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--sessions", type=int, default=100)
     parser.add_argument("--per-session", type=int, default=1000)
+    parser.add_argument("--cpu", type=int, help="CPU for the single-session rounds "
+                        "(default: the last one the bench may use)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin the single-session "
+                        "rounds to one CPU")
     args = parser.parse_args()
     if args.echo_peer:
         echo_peer(args.echo_peer)
@@ -225,22 +300,42 @@ def main() -> None:
         peer.stdout.readline()
         path = os.path.join(tmp, "vm.sock")
         serve = _start_serve(path)
+        all_cpus = os.sched_getaffinity(0)
+        pinned = {args.cpu if args.cpu is not None else max(all_cpus)}
         try:
+            _connect(path).close()  # the daemon is up (and its threads exist)
+            if not args.no_pin:
+                for pid in (os.getpid(), peer.pid, serve.pid):
+                    _pin(pid, pinned)
             # Alternate rounds (the CPUs are shared): the best round of each is reported.
-            echo_runs, serve_runs = [], []
+            echo_runs, serve_runs, h_echo_runs, h_serve_runs = [], [], [], []
             for _ in range(args.rounds):
                 echo_runs.append(single_session(echo_path, args.count))
                 serve_runs.append(single_session(path, args.count))
+                h_echo_runs.append(single_session_harness(echo_path, args.count))
+                h_serve_runs.append(single_session_harness(path, args.count))
             e_rate, e_p50, e_p99 = max(echo_runs)
             d_rate, d_p50, d_p99 = max(serve_runs)
+            he_rate, he_p50, he_p99 = max(h_echo_runs)
+            hd_rate, hd_p50, hd_p99 = max(h_serve_runs)
+            for pid in (os.getpid(), peer.pid, serve.pid):
+                _pin(pid, all_cpus)
+            where = "unpinned" if args.no_pin else f"all on CPU {min(pinned)}"
             print(f"single session, {args.count} APDUs over a unix socket, best of "
-                  f"{args.rounds} alternating rounds:")
+                  f"{args.rounds} alternating rounds ({where}):")
             print(f"  raw echo peer : {e_rate:8.0f} APDU/s  p50 {e_p50:6.1f} us  "
                   f"p99 {e_p99:6.1f} us")
             print(f"  ccidemu serve : {d_rate:8.0f} APDU/s  p50 {d_p50:6.1f} us  "
                   f"p99 {d_p99:6.1f} us")
             print(f"  ratio         : {d_rate / e_rate:.2f} (target >= 0.70); ratio of p50 "
                   f"latencies {e_p50 / d_p50:.2f}")
+            print("  driven by the harness's QEMU side (vmc.fakeqemu: CCID XfrBlock -> VSCard):")
+            print(f"  raw echo peer : {he_rate:8.0f} APDU/s  p50 {he_p50:6.1f} us  "
+                  f"p99 {he_p99:6.1f} us")
+            print(f"  ccidemu serve : {hd_rate:8.0f} APDU/s  p50 {hd_p50:6.1f} us  "
+                  f"p99 {hd_p99:6.1f} us")
+            print(f"  ratio         : {hd_rate / he_rate:.2f} (target >= 0.70); ratio of p50 "
+                  f"latencies {he_p50 / hd_p50:.2f}")
             rss_idle = _rss_kib(serve.pid)
             rate, p50, p99, bad = asyncio.run(load(path, args.sessions, args.per_session))
             rss = _rss_kib(serve.pid)

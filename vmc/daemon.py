@@ -1,4 +1,4 @@
-"""The asyncio adapter around :class:`vmc.session.VscSession`: ``ccidemu serve``.
+"""The I/O adapter around :class:`vmc.session.VscSession`: ``ccidemu serve``.
 
 Connectors (``--connect``: QEMU is the chardev server; we connect and reconnect with capped
 backoff) and listeners (``--listen``: QEMU connects; one new session per connection), one
@@ -7,13 +7,26 @@ backoff) and listeners (``--listen``: QEMU connects; one new session per connect
 
 Theory of operation
 -------------------
-Each connection is an :class:`asyncio.Protocol` (:class:`_VscProtocol`): ``data_received``
-feeds the engine, then :meth:`_VscProtocol.pump` drains the engine's actions (card requests,
-finished exchanges, close) and writes everything the engine queued in one ``write`` (so the
-replies to a burst of messages are coalesced).  Emulated cards (``blocking = False``) answer
-inline; blocking cards run in one shared thread pool and their answers come back to the loop
-through the future's callback.  Routing to readers is a dict lookup inside the engine; nothing
-is scanned per message.
+Two threads.  The asyncio loop (the caller's) runs what is rare: start-up, connecting with
+backoff, the control socket, shutdown.  Every VM connection lives in the *session thread*
+(:class:`_SessionLoop`), a plain selector loop: a round trip through asyncio's loop costs
+more than the whole budget of an APDU (measured: an asyncio protocol that answers without
+doing anything reaches only 0.7 of a raw socket's round-trip rate; a selector loop reaches
+1.0; see docs/PERFORMANCE.md, section "Daemon").  The session thread accepts on the
+listeners; connectors hand it the socket once connected.
+
+Per connection (:class:`_VscConn`): a readable socket is read into a per-connection buffer,
+the bytes go to the engine, then :meth:`_VscConn.pump` drains the engine's actions (card
+requests, finished exchanges, close) and writes everything the engine queued in one ``send``
+(the replies to a burst of messages are coalesced).  Output the peer does not take yet is
+kept and the connection stops reading until it is written.  Emulated cards
+(``blocking = False``) answer inline; blocking cards run in one shared thread pool and their
+answers are handed back to the session thread.
+
+One lock (:attr:`Daemon.lock`) guards every engine, card slot and connection: the session
+thread holds it while it handles a read, the control socket while it handles a request.
+Only the session thread touches its selector and closes connection sockets; other threads
+post those steps to it (:meth:`_SessionLoop.call_soon`).
 
 For ``--connect`` the same card instances serve every reconnection to that address (it is the
 same VM, and QEMU keeps the card "present" in the guest while the chardev is down): the ATR is
@@ -25,19 +38,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import itertools
 import logging
 import os
+import selectors
 import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions, open_card
@@ -64,6 +78,8 @@ DEFAULT_CONNECT = "tcp:127.0.0.1:2001"
 _BACKOFF_START = 0.1
 _BACKOFF_MAX = 2.0
 _SHUTDOWN_GRACE = 3.0  # seconds to wait for responses in flight at shutdown
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
 _umask_lock = threading.Lock()
 
 
@@ -110,82 +126,227 @@ class _Handle:
         self.address = address
         self.slots = slots
         self.peer: str | None = None
-        self.protocol: _VscProtocol | None = None
+        self.protocol: _VscConn | None = None
 
     @property
     def engine(self) -> VscSession | None:
         return self.protocol.engine if self.protocol is not None else None
 
 
-class _VscProtocol(asyncio.BufferedProtocol):
-    def __init__(self, daemon: Daemon, handle: _Handle) -> None:
+_Callback = Callable[[int], None]
+
+
+class _SessionLoop:
+    """The session thread: a selector loop over the VM connections and the listeners."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, _READ, None)
+        self._calls: deque[Callable[[], None]] = deque()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="ccidemu-sessions", daemon=True)
+        self._ident: int | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (after the calls posted so far) and wait for it."""
+        if not self._thread.is_alive():
+            self._close_selector()
+            return
+        self.call_soon(self._set_stopped)
+        self._thread.join(timeout)
+
+    def in_thread(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def call_soon(self, func: Callable[[], None]) -> None:
+        """Run ``func`` in the session thread (from any thread; from the thread itself: later)."""
+        self._calls.append(func)
+        if not self.in_thread():
+            with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                self._wake_w.send(b"\0")
+
+    # the selector: session thread only
+    def register(self, sock: socket.socket, events: int, callback: _Callback) -> None:
+        self._selector.register(sock, events, callback)
+
+    def modify(self, sock: socket.socket, events: int, callback: _Callback) -> None:
+        self._selector.modify(sock, events, callback)
+
+    def unregister(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(sock)
+
+    def _set_stopped(self) -> None:
+        self._stopped = True
+
+    def _run(self) -> None:
+        self._ident = threading.get_ident()
+        select = self._selector.select
+        calls = self._calls
+        while not self._stopped:
+            for key, events in select():
+                callback = key.data
+                if callback is None:
+                    with contextlib.suppress(OSError):
+                        while self._wake_r.recv(4096):
+                            pass
+                    continue
+                try:
+                    callback(events)
+                except Exception:
+                    log.exception("session thread: unexpected error")
+            while calls:
+                try:
+                    calls.popleft()()
+                except Exception:
+                    log.exception("session thread: unexpected error")
+        self._close_selector()
+
+    def _close_selector(self) -> None:
+        if self._selector.get_map() is None:  # closed already
+            return
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                with contextlib.suppress(OSError):
+                    key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class _VscConn:
+    """One VM connection in the session thread.  Methods named ``*_locked`` need Daemon.lock."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        handle: _Handle,
+        sock: socket.socket,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
         self.daemon = daemon
         self.handle = handle
-        self.transport: asyncio.Transport | None = None
+        self.sock = sock
         self.engine = VscSession(
             [f"ccidemu reader {i}" for i in range(len(handle.slots))],
             present=[s.present for s in handle.slots],
             label=f"session {handle.sid}",
             report_exchanges=daemon.trace_file is not None,
         )
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.dead = False
+        self._on_closed = on_closed
+        self._loop = daemon.sessions
+        self._lock = daemon.lock
         self._stats = daemon.stats
-        self._dead = False
-        # BufferedProtocol: the transport reads into this buffer (no allocation per read)
-        self._buffer = bytearray(1 << 16)
+        self._out = bytearray()  # written when the peer takes it (then reading resumes)
+        self._closing = False  # close once _out is written
+        self._buffer = bytearray(1 << 16)  # every read lands here: no allocation per read
         self._view = memoryview(self._buffer)
+        for index in range(len(handle.slots)):
+            self.card_changed(index)
 
-    # -- asyncio.Protocol
+    def card_changed(self, index: int) -> None:
+        """Tell the engine whether the card of reader ``index`` can answer inline."""
+        card = self.handle.slots[index].card
+        if card.blocking:
+            self.engine.set_inline_card(index, None)
+        else:
+            self.engine.set_inline_card(index, card.transmit, self._inline_failed)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # a stream transport (not necessarily an asyncio.Transport subclass: uvloop's are not)
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.handle.peer = _peer_text(peer)
-        self.handle.protocol = self
-        self.daemon.session_started(self.handle)
-        self.engine.start(time.monotonic())
-        self.pump()
+    def _inline_failed(self, exc: Exception) -> str:
+        self._card_exception(exc)
+        return _why(exc)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+    # ---------------------------------------------------------------- session thread
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._stats.bytes_in += nbytes
-        self.engine.receive_data(self._view[:nbytes], time.monotonic())
-        self.pump()
+    def open(self) -> None:
+        """Register with the selector and start the engine (session thread)."""
+        self._loop.register(self.sock, _READ, self.on_events)
+        with self._lock:
+            self.handle.peer = _peer_text(self.sock)
+            self.handle.protocol = self
+            self.daemon.session_started(self.handle)
+            self.engine.start(time.monotonic())
+            self.pump_locked()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._dead = True
+    def on_events(self, events: int) -> None:
+        if self.dead:
+            return
+        if events & _WRITE:
+            with self._lock:
+                self._flush_locked()
+            if self.dead or self._out:
+                return
+        if not events & _READ:
+            return
+        try:
+            nbytes = self.sock.recv_into(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            with self._lock:
+                self.lost_locked(exc)
+            return
+        with self._lock:
+            if not nbytes:
+                self.lost_locked(None)
+                return
+            stats = self._stats
+            stats.bytes_in += nbytes
+            out = self.engine.exchange_inline(self._buffer, nbytes, time.monotonic())
+            if out is not None:  # the hot path: one APDU, answered by an emulated card
+                stats.apdus += 1
+                self._write_locked(out)
+                return
+            self.engine.receive_data(self._view[:nbytes], time.monotonic())
+            self.pump_locked()
+
+    def _finish(self) -> None:
+        """Unregister and close the socket (session thread); then tell the connector."""
+        self._loop.unregister(self.sock)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self._on_closed is not None:
+            self._on_closed()
+
+    # ---------------------------------------------------------------- any thread, with the lock
+
+    def lost_locked(self, exc: Exception | None) -> None:
+        """The connection is gone (or closed by us): stop the engine, release the socket."""
+        if self.dead:
+            return
+        self.dead = True
         self.engine.connection_lost()
         if self.handle.protocol is self:
             self.handle.protocol = None
         self.daemon.session_ended(self.handle, exc)
-        if not self.done.done():
-            self.done.set_result(None)
+        if self._loop.in_thread():
+            self._finish()
+        else:
+            self._loop.call_soon(self._finish)
 
-    def pause_writing(self) -> None:  # the peer does not read: stop reading from it too
-        if self.transport is not None:
-            self.transport.pause_reading()
+    def close_locked(self) -> None:
+        """Close once everything queued is written."""
+        self._closing = True
+        if not self._out:
+            self.lost_locked(None)
 
-    def resume_writing(self) -> None:
-        if self.transport is not None and not self._dead:
-            self.transport.resume_reading()
-
-    # -- engine plumbing
-
-    def pump(self) -> None:
+    def pump_locked(self) -> None:
         engine = self.engine
         slots = self.handle.slots
+        stats = self._stats
         close: Closed | None = None
         while (action := engine.next_action()) is not None:
             kind = type(action)
             if kind is Transmit:
                 assert isinstance(action, Transmit)
-                self._stats.apdus += 1
+                stats.apdus += 1
                 card = slots[action.reader].card
                 if not card.blocking:  # emulated card: answer inline (the hot path)
                     try:
@@ -210,7 +371,7 @@ class _VscProtocol(asyncio.BufferedProtocol):
                     engine.power_on_done(action.token, slot.atr, time.monotonic())
                 elif slot.card.blocking:
                     self._in_thread(
-                        functools.partial(_power_on_arg, slot), b"", action.token,
+                        _power_on_call(slot), b"", action.token,
                         engine.power_on_done, engine.power_on_failed,
                     )
                 else:
@@ -228,16 +389,59 @@ class _VscProtocol(asyncio.BufferedProtocol):
                 assert isinstance(action, Closed)
                 close = action
         out = engine.data_to_send()
-        transport = self.transport
-        if out and transport is not None and not self._dead:
-            self._stats.bytes_out += len(out)
-            transport.write(out)
-        if close is not None and transport is not None:
+        if out:
+            self._write_locked(out)
+        if close is not None:
             if close.error:
-                self._stats.errors += 1
-            transport.close()
+                stats.errors += 1
+            self.close_locked()
 
-    def _card_exception(self, exc: Exception) -> None:
+    def _write_locked(self, data: bytes) -> None:
+        if self.dead:
+            return
+        self._stats.bytes_out += len(data)
+        if self._out:  # the peer is behind: keep the order
+            self._out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.lost_locked(exc)
+            return
+        if sent < len(data):
+            self._out += data[sent:]
+            self._set_events(_WRITE)  # and stop reading until the peer catches up
+
+    def _flush_locked(self) -> None:
+        if self.dead or not self._out:
+            return
+        try:
+            sent = self.sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost_locked(exc)
+            return
+        del self._out[:sent]
+        if not self._out:
+            if self._closing:
+                self.lost_locked(None)
+            else:
+                self._set_events(_READ)
+
+    def _set_events(self, events: int) -> None:
+        def apply() -> None:
+            if not self.dead:
+                self._loop.modify(self.sock, events, self.on_events)
+
+        if self._loop.in_thread():
+            apply()
+        else:
+            self._loop.call_soon(apply)
+
+    def _card_exception(self, exc: BaseException) -> None:
         self._stats.errors += 1
         if not isinstance(exc, CcidemuError):
             log.error("session %d: card raised %r", self.handle.sid, exc, exc_info=exc)
@@ -250,19 +454,23 @@ class _VscProtocol(asyncio.BufferedProtocol):
         done: Callable[[int, bytes, float], None],
         failed: Callable[[int, str, float], None],
     ) -> None:
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.daemon.executor, func, arg)
+        """Run a blocking card call in the pool; its answer is handled in the session thread."""
+        future = self.daemon.executor.submit(func, arg)
 
-        def finished(fut: asyncio.Future[bytes]) -> None:
-            if self._dead:
-                return
-            exc = fut.exception()
-            if exc is not None:
-                self._card_exception(exc if isinstance(exc, Exception) else Exception(exc))
-                failed(token, _why(exc), time.monotonic())
-            else:
-                done(token, fut.result(), time.monotonic())
-            self.pump()
+        def answer() -> None:
+            with self._lock:
+                if self.dead:
+                    return
+                exc = future.exception()
+                if exc is not None:
+                    self._card_exception(exc)
+                    failed(token, _why(exc), time.monotonic())
+                else:
+                    done(token, future.result(), time.monotonic())
+                self.pump_locked()
+
+        def finished(_: Future[bytes]) -> None:
+            self._loop.call_soon(answer)
 
         future.add_done_callback(finished)
 
@@ -284,8 +492,11 @@ def _power_on(slot: _Slot) -> bytes:
     return atr
 
 
-def _power_on_arg(slot: _Slot, _unused: bytes) -> bytes:
-    return _power_on(slot)
+def _power_on_call(slot: _Slot) -> Callable[[bytes], bytes]:
+    def call(_unused: bytes) -> bytes:
+        return _power_on(slot)
+
+    return call
 
 
 def _why(exc: BaseException) -> str:
@@ -294,7 +505,11 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _peer_text(peer: Any) -> str:
+def _peer_text(sock: socket.socket) -> str:
+    try:
+        peer: Any = sock.getpeername()
+    except OSError:
+        return "local"
     if isinstance(peer, tuple) and len(peer) >= 2:
         host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
         return f"{host}:{peer[1]}"
@@ -310,10 +525,14 @@ class Daemon:
         self.config = config
         self.stats = _Stats()
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccidemu-card")
+        #: Guards every engine, card slot and connection (see the module docstring).
+        self.lock = threading.Lock()
+        self.sessions = _SessionLoop()
         self.trace_file: IO[str] | None = None
         self._ids = itertools.count(1)
         self._handles: dict[int, _Handle] = {}
         self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
         self._unix_paths: list[Path] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop: asyncio.Event | None = None
@@ -331,6 +550,7 @@ class Daemon:
         """Open cards, trace, listeners, control socket; start connectors.  ConfigError/OSError."""
         self._stop = asyncio.Event()
         config = self.config
+        self.sessions.start()
         probe = self._open_cards()  # fail early on a bad --card
         if config.trace is not None:
             try:
@@ -339,11 +559,11 @@ class Daemon:
                 raise ConfigError(f"cannot open trace file {config.trace}: {exc}") from None
         try:
             for address in config.listen:
-                await self._listen(address, self._accept_factory(address))
+                self._listen_vm(address)
                 log.info("listening on %s", address)
             if config.control is not None:
                 check_control_path(config.control)
-                await self._listen(config.control, None)
+                await self._listen_control(config.control)
                 log.info("control socket on %s", config.control)
             for n, address in enumerate(config.connect):
                 slots = probe if n == 0 else self._open_cards()
@@ -375,25 +595,29 @@ class Daemon:
             server.close()
         for task in self._tasks:
             task.cancel()
+        self.sessions.call_soon(self._close_listeners)
         now = time.monotonic()
-        live = [h.protocol for h in self._handles.values() if h.protocol is not None]
-        for proto in live:
-            proto.engine.shutdown(now)
-            proto.pump()
+        with self.lock:
+            live = [h.protocol for h in self._handles.values() if h.protocol is not None]
+            for conn in live:
+                conn.engine.shutdown(now)
+                conn.pump_locked()
         deadline = time.monotonic() + _SHUTDOWN_GRACE
-        while any(not p.engine.finished for p in live) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(c.engine.finished for c in live):
+                    break
             await asyncio.sleep(0.01)
-        for proto in live:
-            if proto.transport is not None:
-                proto.transport.close()  # writes what is buffered, then closes
-        if live:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*(p.done for p in live)), timeout=_SHUTDOWN_GRACE
-                )
+        with self.lock:
+            for conn in live:
+                conn.close_locked()  # writes what is queued, then closes
+        deadline = time.monotonic() + _SHUTDOWN_GRACE
+        while any(not c.dead for c in live) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.sessions.stop()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -405,42 +629,70 @@ class Daemon:
 
     # ---------------------------------------------------------------- sockets
 
-    async def _listen(
-        self, address: Address, factory: Callable[[], asyncio.BaseProtocol] | None
-    ) -> None:
-        loop = asyncio.get_running_loop()
+    async def _listen_control(self, address: Address) -> None:
         server: asyncio.Server
         if isinstance(address, UnixAddress):
             sock = _bind_unix(address.path)
             self._unix_paths.append(address.path)
-            if factory is None:
-                server = await asyncio.start_unix_server(
-                    self._control_client, sock=sock, limit=MAX_LINE
-                )
-            else:
-                server = await loop.create_unix_server(factory, sock=sock)
+            server = await asyncio.start_unix_server(
+                self._control_client, sock=sock, limit=MAX_LINE
+            )
         else:
             assert isinstance(address, TcpAddress)
-            if factory is None:
-                server = await asyncio.start_server(
-                    self._control_client, address.host, address.port, limit=MAX_LINE
-                )
-            else:
-                server = await loop.create_server(factory, address.host, address.port)
+            server = await asyncio.start_server(
+                self._control_client, address.host, address.port, limit=MAX_LINE
+            )
         self._servers.append(server)
 
-    def _accept_factory(self, address: Address) -> Callable[[], asyncio.BaseProtocol]:
-        def factory() -> asyncio.BaseProtocol:
-            try:
-                slots = self._open_cards()
-            except Exception as exc:  # a card that cannot be opened now: refuse this VM
-                log.error("%s: cannot open the cards for a new session: %s", address, exc)
-                slots = []
-            handle = _Handle(next(self._ids), "listen", address, slots)
-            self._handles[handle.sid] = handle
-            return _VscProtocol(self, handle)
+    def _listen_vm(self, address: Address) -> None:
+        """Listen for VMs: the session thread accepts."""
+        if isinstance(address, UnixAddress):
+            socks = [_bind_unix(address.path)]
+            self._unix_paths.append(address.path)
+        else:
+            assert isinstance(address, TcpAddress)
+            socks = _bind_tcp(address)
+        for sock in socks:
+            self._listeners.append(sock)
+            self.sessions.call_soon(self._register_listener(sock, address))
 
-        return factory
+    def _register_listener(self, sock: socket.socket, address: Address) -> Callable[[], None]:
+        def on_accept(events: int) -> None:  # session thread
+            while not self._stopping:
+                try:
+                    conn, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    log.warning("%s: accept failed: %s", address, exc)
+                    return
+                conn.setblocking(False)
+                _nodelay(conn)
+                with self.lock:
+                    handle = self._new_listen_handle(address)
+                    proto = _VscConn(self, handle, conn)
+                proto.open()
+
+        def register() -> None:
+            self.sessions.register(sock, _READ, on_accept)
+
+        return register
+
+    def _close_listeners(self) -> None:  # session thread
+        for sock in self._listeners:
+            self.sessions.unregister(sock)
+            sock.close()
+        self._listeners.clear()
+
+    def _new_listen_handle(self, address: Address) -> _Handle:
+        try:
+            slots = self._open_cards()
+        except Exception as exc:  # a card that cannot be opened now: refuse this VM
+            log.error("%s: cannot open the cards for a new session: %s", address, exc)
+            slots = []
+        handle = _Handle(next(self._ids), "listen", address, slots)
+        self._handles[handle.sid] = handle
+        return handle
 
     async def _connector(self, handle: _Handle) -> None:
         loop = asyncio.get_running_loop()
@@ -448,16 +700,8 @@ class Daemon:
         delay = _BACKOFF_START
         waiting_logged = False
         while not self._stopping:
-            def factory() -> _VscProtocol:
-                return _VscProtocol(self, handle)
-
-            proto: _VscProtocol
             try:
-                if isinstance(address, UnixAddress):
-                    _, proto = await loop.create_unix_connection(factory, str(address.path))
-                else:
-                    assert isinstance(address, TcpAddress)
-                    _, proto = await loop.create_connection(factory, address.host, address.port)
+                sock = await _connect(address)
             except OSError as exc:
                 if not waiting_logged:
                     log.info("session %d: waiting for %s (%s)", handle.sid, address,
@@ -468,7 +712,16 @@ class Daemon:
                 continue
             waiting_logged = False
             delay = _BACKOFF_START
-            await asyncio.shield(proto.done)
+            done: asyncio.Future[None] = loop.create_future()
+
+            def closed(done: asyncio.Future[None] = done) -> None:  # session thread
+                with contextlib.suppress(RuntimeError):  # the loop is closed already
+                    loop.call_soon_threadsafe(_resolve, done)
+
+            with self.lock:
+                proto = _VscConn(self, handle, sock, closed)
+            self.sessions.call_soon(proto.open)
+            await asyncio.shield(done)
             if not self._stopping:
                 await asyncio.sleep(delay)
 
@@ -546,6 +799,10 @@ class Daemon:
 
     def handle_request(self, request: dict[str, Any]) -> Any:
         """One control request -> result; ValueError/CcidemuError with the reason."""
+        with self.lock:
+            return self._request_locked(request)
+
+    def _request_locked(self, request: dict[str, Any]) -> Any:
         cmd = request.get("cmd")
         if cmd == "list":
             return [self.describe(h) for h in sorted(self._handles.values(), key=lambda h: h.sid)]
@@ -593,10 +850,12 @@ class Daemon:
                     new = _Slot(spec, open_card(spec, self.config.card_options))
                     slot.spec, slot.card, slot.atr = new.spec, new.card, None
                 if engine is not None:
+                    if spec is not None and handle.protocol is not None:
+                        handle.protocol.card_changed(index)
                     engine.insert_card(index, now)
                 slot.present = True
             if handle.protocol is not None:
-                handle.protocol.pump()
+                handle.protocol.pump_locked()
             return self.describe(handle)
         raise ValueError(f"unknown command {cmd!r} (list, stats, insert, remove)")
 
@@ -660,3 +919,64 @@ def _bind_unix(path: Path) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on unix:{path}: {exc}") from None
     return sock
+
+
+def _bind_tcp(address: TcpAddress) -> list[socket.socket]:
+    """Listening sockets for every address ``address.host`` resolves to (OSError if none)."""
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, sockaddr in socket.getaddrinfo(
+            address.host or None, address.port, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        ):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+async def _connect(address: Address) -> socket.socket:
+    """A connected non-blocking socket to ``address`` (OSError when nothing answers)."""
+    loop = asyncio.get_running_loop()
+    targets: list[tuple[int, Any]]
+    if isinstance(address, UnixAddress):
+        targets = [(socket.AF_UNIX, str(address.path))]
+    else:
+        assert isinstance(address, TcpAddress)
+        infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        targets = [(info[0], info[4]) for info in infos]
+    error: OSError = OSError(errno.EHOSTUNREACH, f"{address}: no address")
+    for family, target in targets:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, target)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        _nodelay(sock)
+        return sock
+    raise error
+
+
+def _nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -180,7 +180,8 @@ class FakeQemuCore:
         """Bytes from the card side.  DecodeError if they break VSCard framing."""
         self._vsc.receive_data(data)
         while (msg := self._vsc.next_event()) is not None:
-            log.debug("<< %s", describe_vsc(msg))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("<< %s", describe_vsc(msg))
             self.received.append(msg)
             self._handle_vsc(msg)
 
@@ -191,7 +192,8 @@ class FakeQemuCore:
         return out
 
     def _send(self, msg: VscMessage) -> None:
-        log.debug(">> %s", describe_vsc(msg))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(">> %s", describe_vsc(msg))
         self.sent.append(msg)
         self._out += self._vsc.send(msg)
 
@@ -308,7 +310,8 @@ class FakeQemuCore:
     def send_ccid(self, msg: CcidMessage, reader_id: int = 0) -> None:
         """A PC_to_RDR message from the guest to the usb-ccid device of ``reader_id``."""
         slot = self._require(reader_id)
-        log.debug("guest -> reader %d: %s", reader_id, describe_ccid(msg))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("guest -> reader %d: %s", reader_id, describe_ccid(msg))
         out = slot.out
         if isinstance(msg, CcidNotifySlotChange):
             raise CardError("NotifySlotChange is not a PC_to_RDR message")
@@ -385,7 +388,8 @@ class FakeQemuCore:
         if slot is None or not slot.out:
             return None
         msg = slot.out.popleft()
-        log.debug("reader %d -> guest: %s", reader_id, describe_ccid(msg))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("reader %d -> guest: %s", reader_id, describe_ccid(msg))
         return msg
 
 

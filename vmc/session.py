@@ -38,6 +38,17 @@ We are the VSCard *client* (the card side, like libcacard's ``vscclient``); the 
 Readers are known by their *index* (their position in the reader list, stable from the start);
 the host's reader id is learnt in step 3.  Requests carry a ``token`` so that an answer that
 arrives after the card was removed (a slow blocking card) is recognised and dropped.
+
+The hot path
+------------
+:meth:`VscSession.exchange_inline` is an optional shortcut for the adapter: when a read holds
+exactly one whole APDU frame for a reader whose card answers inline (registered with
+:meth:`~VscSession.set_inline_card`) and nothing else is going on (nothing buffered, queued,
+in flight, owed or being removed; no trace or debug logging), the card is called right there
+and the frame for the peer is returned: no action object, no output queue.  The result,
+output bytes and state alike, is the same as :meth:`receive_data` followed by the
+``Transmit`` -> :meth:`transmit_done`/:meth:`transmit_failed` round (a test compares them);
+in every other case it does nothing and returns None.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ import enum
 import logging
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ccidemu.errors import DecodeError
@@ -178,12 +189,17 @@ class _Ack(enum.Enum):
     READER_REMOVE = "ReaderRemove"
 
 
+#: A non-blocking card's transmit and the formatter of its exceptions (see set_inline_card).
+_Inline = tuple[Callable[[bytes], bytes], Callable[[Exception], str]]
+
+
 class _Reader:
     __slots__ = (
         "apdu_count",
         "atr",
         "in_flight",
         "index",
+        "inline",
         "inserted",
         "name",
         "queue",
@@ -209,6 +225,7 @@ class _Reader:
         self.queue: deque[bytes] = deque()
         self.remove_after_flight = False
         self.apdu_count = 0
+        self.inline: _Inline | None = None
 
 
 class VscSession:
@@ -358,6 +375,70 @@ class VscSession:
             self._closed = reason
             self._actions.clear()
             self._out.clear()
+
+    def set_inline_card(
+        self,
+        index: int,
+        transmit: Callable[[bytes], bytes] | None,
+        failed: Callable[[Exception], str] | None = None,
+    ) -> None:
+        """Let :meth:`exchange_inline` call ``transmit`` for reader ``index`` (None: stop).
+
+        ``transmit`` must not block.  If it raises, ``failed(exc)`` gives the reason passed to
+        :meth:`transmit_failed` (default: the exception's type and text).
+        """
+        self._reader(index).inline = (
+            None if transmit is None else (transmit, failed or _exception_text)
+        )
+
+    def exchange_inline(self, data: bytearray, nbytes: int, now: float) -> bytes | None:
+        """The hot path (module docstring): ``data[:nbytes]`` is one read from the peer.
+
+        Returns the bytes for the peer when the read was handled here; None when nothing was
+        done (then give the read to :meth:`receive_data`).  No action is emitted.
+        """
+        if (
+            nbytes < 12
+            or self._closed is not None
+            or self._shutting_down
+            or self._report
+            or self._out
+            or self._flushes
+            or self._conn.buffered  # (a dead stream has closed the session: _closed is set)
+        ):
+            return None
+        type_, reader_id, length = self._header.unpack_from(data)
+        if type_ != 7 or length + 12 != nbytes or length > self._max_length:
+            return None
+        reader = self._by_id.get(reader_id)
+        if (
+            reader is None
+            or reader.inline is None
+            or reader.in_flight is not None
+            or reader.queue
+            or not reader.inserted
+            or reader.remove_after_flight
+            or log.isEnabledFor(logging.DEBUG)
+        ):
+            return None
+        command = bytes(data[12:nbytes])
+        # _on_apdu_data / _start_apdu without the Transmit action
+        reader.in_flight = command
+        reader.started = now
+        reader.apdu_count += 1
+        self.apdus += 1
+        token = self._next_token * self._nreaders + reader.index  # see _token
+        self._next_token += 1
+        reader.token = token
+        transmit, failed = reader.inline
+        try:
+            response = transmit(command)
+        except Exception as exc:
+            self.transmit_failed(token, failed(exc), now)
+            return self.data_to_send()
+        # transmit_done + _after_flight for this case (nothing queued, no removal, no Flush)
+        reader.in_flight = None
+        return self._header.pack(7, reader_id, len(response)) + response
 
     # ---------------------------------------------------------------- card side
 
@@ -682,6 +763,10 @@ class VscSession:
             self.errors += 1
             log.warning("%s: reader %d: peer answered %s with %s", self.label, reader.index,
                         kind.value, _code_name(code))
+
+
+def _exception_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _code_name(code: int) -> str:

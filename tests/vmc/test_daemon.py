@@ -7,6 +7,7 @@ the signal test, which runs the real console script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -494,3 +495,80 @@ def test_atr_sent_after_reader_added(tmp: Path, daemons: list[RunningDaemon]) ->
         names = [type(m).__name__ for m in fake.received]
         assert names[:3] == ["VscInit", "VscReaderAdd", "VscAtr"]
         assert isinstance(fake.received[2], VscAtr)
+
+
+# --------------------------------------------------------------------------- session thread I/O
+
+
+def test_output_the_peer_does_not_take_is_kept_in_order_and_reading_stops() -> None:
+    """_VscConn alone on a socketpair with a tiny send buffer: a peer that does not read."""
+    import types
+
+    import vmc.daemon as daemon_mod
+    from ccidemu.vsc import VscConnection, VscError, VscErrorCode, VscInit, encode_vsc
+
+    events: list[int] = []
+
+    class Loop:
+        def register(self, sock: socket.socket, ev: int, cb: Any) -> None:
+            events.append(ev)
+
+        def modify(self, sock: socket.socket, ev: int, cb: Any) -> None:
+            events.append(ev)
+
+        def unregister(self, sock: socket.socket) -> None:
+            pass
+
+        def in_thread(self) -> bool:
+            return True
+
+        def call_soon(self, func: Any) -> None:
+            func()
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # clamped to the minimum
+    fake = types.SimpleNamespace(
+        sessions=Loop(), lock=threading.Lock(), stats=daemon_mod._Stats(), trace_file=None,
+        session_started=lambda h: None, session_ended=lambda h, e: None, executor=None,
+    )
+    handle = daemon_mod._Handle(
+        1, "listen", UnixAddress(Path("x")), [daemon_mod._Slot("test:", BuiltinTestCard(""))]
+    )
+    conn = daemon_mod._VscConn(fake, handle, ours)  # type: ignore[arg-type]
+    conn.open()
+    for msg in (encode_vsc(VscInit(0xFFFFFFFF)), encode_vsc(VscError(0, VscErrorCode.SUCCESS)),
+                encode_vsc(VscError(0, VscErrorCode.SUCCESS))):
+        peer.sendall(msg)
+        conn.on_events(1)
+    expected: list[bytes] = []
+    for n in range(40):  # 40 reads of 8 pipelined echoes, ~34 KiB of answers, never read
+        payloads = [bytes([n, i]) * 120 for i in range(8)]
+        expected += payloads
+        peer.sendall(b"".join(
+            struct.pack(">III", 7, 0, 245) + H("80e00000f0") + p for p in payloads
+        ))
+        conn.on_events(1)
+        if events[-1] == 2:
+            break
+    assert events[-1] == 2  # output backed up: waiting to write, not reading
+    decoder = VscConnection()
+    got: list[bytes] = []
+    peer.setblocking(False)
+    for _ in range(10000):
+        with contextlib.suppress(BlockingIOError):
+            decoder.receive_data(peer.recv(65536))
+        while (event := decoder.next_event()) is not None:
+            if isinstance(event, VscApdu):
+                got.append(event.data[:-2])
+        if events[-1] == 2:
+            conn.on_events(2)
+        elif len(got) < len(expected):
+            conn.on_events(1)
+        else:
+            break
+    assert got == expected
+    conn.on_events(1)
+    assert not conn.dead
+    ours.close()
+    peer.close()

@@ -6,6 +6,7 @@ Wire bytes are written out by hand from the byte-for-byte QEMU 7.2 trace in PROT
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -473,3 +474,141 @@ def test_valid_messages_any_chunking_same_output(messages: list[bytes], size: in
         return out
 
     assert run(size) == run(len(b"".join(messages)) or 1)
+
+
+# --------------------------------------------------------------------------- the inline hot path
+
+
+class _RaisingCard(BuiltinTestCard):
+    """The test card, but INS EE raises (a card bug or CardError)."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if apdu[1:2] == b"\xee":
+            raise RuntimeError("card bug")
+        return super().transmit(apdu)
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Driven:
+    """An engine with two readers, driven through ``ops``; ``inline`` tries the hot path."""
+
+    def __init__(self, inline: bool, report: bool) -> None:
+        self.engine = VscSession(["a", "b"], report_exchanges=report)
+        self.cards = [_RaisingCard(""), _RaisingCard("")]
+        self.inline = inline
+        self.hits = 0
+        if inline:
+            for i, card in enumerate(self.cards):
+                self.engine.set_inline_card(i, card.transmit, _why)
+
+    def drain(self, now: float) -> list[object]:
+        seen: list[object] = []
+        while (a := self.engine.next_action()) is not None:
+            seen.append(a)
+            if isinstance(a, PowerOn):
+                self.engine.power_on_done(a.token, self.cards[a.reader].power_on(), now)
+            elif isinstance(a, Transmit):
+                try:
+                    response = self.cards[a.reader].transmit(a.apdu)
+                except Exception as exc:
+                    self.engine.transmit_failed(a.token, _why(exc), now)
+                else:
+                    self.engine.transmit_done(a.token, response, now)
+        return seen
+
+    def step(self, op: tuple[str, object], now: float) -> tuple[bytes, list[object]]:
+        kind, arg = op
+        engine = self.engine
+        if kind == "read":
+            assert isinstance(arg, bytes)
+            out = None
+            if self.inline:
+                out = engine.exchange_inline(bytearray(arg), len(arg), now)
+            if out is not None:
+                self.hits += 1
+                assert engine.next_action() is None  # the hot path emits no action
+                return out, []
+            engine.receive_data(arg, now)
+        elif kind == "shutdown":
+            engine.shutdown(now)
+        else:
+            assert isinstance(arg, int)
+            with contextlib.suppress(ValueError):
+                getattr(engine, kind)(arg, now)
+        seen = self.drain(now)
+        return engine.data_to_send(), seen
+
+    def state(self) -> object:
+        e = self.engine
+        return (e.readers(), e.apdus, e.errors, e.closed, e.finished, e.close_reason,
+                [c.apdu_count for c in self.cards])
+
+
+def _setup(driven: _Driven) -> bytes:
+    """Multi-reader host: both readers added (ids 0 and 1) and their ATRs acknowledged."""
+    e = driven.engine
+    e.start(0.0)
+    driven.drain(0.0)
+    for chunk in (QEMU_INIT, error(0), error(0), error(1), error(1)):
+        e.receive_data(chunk, 0.0)
+        driven.drain(0.0)
+    return e.data_to_send()
+
+
+_APDUS = [H("80e00000"), H("80e0000003aabbcc"), H("80ee0000"), H("00a4040000"), H("80")]
+_frames = st.one_of(
+    st.builds(apdu, st.sampled_from([0, 1, 5]), st.sampled_from(_APDUS)),
+    st.just(frame(8, 0)),  # Flush
+    st.just(error(0)),
+    st.just(frame(99, 0)),  # unknown type
+)
+_ops = st.one_of(
+    st.tuples(st.just("read"), _frames),
+    st.tuples(st.just("read"), st.lists(_frames, min_size=2, max_size=3).map(b"".join)),
+    st.tuples(st.just("read"), _frames.map(lambda f: f[:7])),  # a partial frame
+    st.tuples(st.just("read"), st.just(apdu(0, H("80e00000"))[:13])),
+    st.tuples(st.sampled_from(["remove_card", "insert_card"]), st.integers(0, 1)),
+    st.tuples(st.just("shutdown"), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(_ops, max_size=25), report=st.booleans())
+def test_exchange_inline_is_byte_identical_to_the_general_path(
+    ops: list[tuple[str, object]], report: bool
+) -> None:
+    general, fast = _Driven(False, report), _Driven(True, report)
+    assert _setup(general) == _setup(fast)
+    hits = 0
+    for n, op in enumerate(ops, start=1):
+        now = float(n)
+        out_g, actions_g = general.step(op, now)
+        out_f, actions_f = fast.step(op, now)
+        assert out_f == out_g, op
+        if fast.hits > hits:  # the hot path took it: the general path's Transmit is internal
+            hits = fast.hits
+            assert [type(a) for a in actions_g] == [Transmit], op
+            actions_g = []
+        assert actions_f == actions_g, op
+        assert fast.state() == general.state(), op
+
+
+def test_exchange_inline_taken_for_a_lone_apdu_and_not_otherwise() -> None:
+    driven = _Driven(True, report=False)
+    _setup(driven)
+    e = driven.engine
+    assert e.exchange_inline(bytearray(apdu(0, H("80e0000002abcd"))), 19, 1.0) == apdu(
+        0, H("abcd9000")
+    )
+    failed = e.exchange_inline(bytearray(apdu(1, H("80ee0000"))), 16, 1.0)
+    assert failed == error(1, VscErrorCode.GENERAL_ERROR)
+    assert e.errors == 1 and e.apdus == 2
+    two = apdu(0, H("80e00000")) * 2
+    assert e.exchange_inline(bytearray(two), len(two), 1.0) is None  # two frames: general path
+    assert e.exchange_inline(bytearray(apdu(5, H("80e00000"))), 16, 1.0) is None  # unknown id
+    e.set_inline_card(0, None)
+    assert e.exchange_inline(bytearray(apdu(0, H("80e00000"))), 16, 1.0) is None
+    assert e.next_action() is None and e.data_to_send() == b""
