@@ -20,8 +20,12 @@ the bytes go to the engine, then :meth:`_VscConn.pump` drains the engine's actio
 requests, finished exchanges, close) and writes everything the engine queued in one ``send``
 (the replies to a burst of messages are coalesced).  Output the peer does not take yet is
 kept and the connection stops reading until it is written.  Emulated cards
-(``blocking = False``) answer inline; blocking cards run in one shared thread pool and their
-answers are handed back to the session thread.
+(``blocking = False``) answer inline; every blocking card has a thread of its own (started on
+first use; calls to one card stay in order, a slow card never waits for a thread another
+VM's card holds) and its answers are handed back to the session thread.  The cards of a new
+``--listen`` connection are opened in a small pool (opening a PIV card takes tens of ms), then
+the connection starts in the session thread.  A ``--connect`` peer that hangs up before the
+handshake is retried with the same capped backoff as a refused connection.
 
 One lock (:attr:`Daemon.lock`) guards every engine, card slot and connection: the session
 thread holds it while it handles a read, the control socket while it handles a request.
@@ -108,13 +112,37 @@ class _Stats:
 class _Slot:
     """The card of one reader and what is cached about it."""
 
-    __slots__ = ("atr", "card", "present", "spec")
+    __slots__ = ("atr", "card", "present", "spec", "worker")
 
     def __init__(self, spec: str, card: Card) -> None:
         self.spec = spec
         self.card = card
         self.atr: bytes | None = None  # cached power-on answer (card powered)
         self.present = True
+        self.worker: ThreadPoolExecutor | None = None
+
+    def submit(self, func: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run a blocking card call in this card's own thread (started on first use).
+
+        One thread per blocking card: calls to one card run one at a time and in order, and a
+        card that takes seconds never holds up another VM's card (a shared pool did, once all
+        its threads were busy with slow cards).
+        """
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccidemu-card")
+        return self.worker.submit(func, *args)
+
+    def retire(self, power_off: bool) -> None:
+        """The session is over: power the card off (in its thread if blocking), stop the thread."""
+        card = self.card
+        if power_off:
+            if card.blocking:
+                with contextlib.suppress(RuntimeError):  # the worker is shut down already
+                    self.submit(_quiet_power_off, card)
+            else:
+                _quiet_power_off(card)
+        if self.worker is not None:
+            self.worker.shutdown(wait=False)
 
 
 class _Handle:
@@ -358,7 +386,7 @@ class _VscConn:
                         engine.transmit_done(action.token, response, time.monotonic())
                 else:
                     self._in_thread(
-                        card.transmit, action.apdu, action.token,
+                        slots[action.reader], card.transmit, action.apdu, action.token,
                         engine.transmit_done, engine.transmit_failed,
                     )
             elif kind is ApduDone:
@@ -371,7 +399,7 @@ class _VscConn:
                     engine.power_on_done(action.token, slot.atr, time.monotonic())
                 elif slot.card.blocking:
                     self._in_thread(
-                        _power_on_call(slot), b"", action.token,
+                        slot, _power_on_call(slot), b"", action.token,
                         engine.power_on_done, engine.power_on_failed,
                     )
                 else:
@@ -448,14 +476,20 @@ class _VscConn:
 
     def _in_thread(
         self,
+        slot: _Slot,
         func: Callable[[bytes], bytes],
         arg: bytes,
         token: int,
         done: Callable[[int, bytes, float], None],
         failed: Callable[[int, str, float], None],
     ) -> None:
-        """Run a blocking card call in the pool; its answer is handled in the session thread."""
-        future = self.daemon.executor.submit(func, arg)
+        """Run a blocking card call in the card's thread; its answer is handled in the session
+        thread."""
+        try:
+            future: Future[bytes] = slot.submit(func, arg)
+        except RuntimeError:  # shutting down: the card's thread is gone
+            failed(token, "the daemon is stopping", time.monotonic())
+            return
 
         def answer() -> None:
             with self._lock:
@@ -479,11 +513,18 @@ class _VscConn:
         card = slot.card
         try:
             if card.blocking:
-                self.daemon.executor.submit(card.power_off)
+                slot.submit(card.power_off)
             else:
                 card.power_off()
         except Exception as exc:
             log.warning("session %d: card power-off failed: %s", self.handle.sid, _why(exc))
+
+
+def _quiet_power_off(card: Card) -> None:
+    try:
+        card.power_off()
+    except Exception as exc:
+        log.warning("card power-off failed: %s", _why(exc))
 
 
 def _power_on(slot: _Slot) -> bytes:
@@ -524,7 +565,9 @@ class Daemon:
             raise ConfigError("nothing to serve: give --connect or --listen")
         self.config = config
         self.stats = _Stats()
-        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccidemu-card")
+        #: Opens the cards of new --listen connections (opening a PIV card takes tens of ms:
+        #: never in the session thread).  Blocking cards run in their own threads (_Slot).
+        self.opener = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ccidemu-open")
         #: Guards every engine, card slot and connection (see the module docstring).
         self.lock = threading.Lock()
         self.sessions = _SessionLoop()
@@ -533,6 +576,7 @@ class Daemon:
         self._handles: dict[int, _Handle] = {}
         self._servers: list[asyncio.Server] = []
         self._listeners: list[socket.socket] = []
+        self._opening: set[socket.socket] = set()  # accepted; cards being opened (session thread)
         self._unix_paths: list[Path] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop: asyncio.Event | None = None
@@ -624,7 +668,10 @@ class Daemon:
         if self.trace_file is not None:
             self.trace_file.close()
             self.trace_file = None
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.opener.shutdown(wait=False, cancel_futures=True)
+        for handle in self._handles.values():
+            for slot in handle.slots:
+                slot.retire(power_off=False)
         log.info("stopped")
 
     # ---------------------------------------------------------------- sockets
@@ -668,10 +715,17 @@ class Daemon:
                     return
                 conn.setblocking(False)
                 _nodelay(conn)
-                with self.lock:
-                    handle = self._new_listen_handle(address)
-                    proto = _VscConn(self, handle, conn)
-                proto.open()
+                # The cards are opened in the opener pool; the connection waits (its bytes
+                # stay in the kernel) and starts in the session thread once they are ready.
+                self._opening.add(conn)
+                sid = next(self._ids)  # in accept order, however long the cards take
+                try:
+                    future = self.opener.submit(self._open_listen_cards, address)
+                except RuntimeError:  # stopping
+                    self._opening.discard(conn)
+                    conn.close()
+                    return
+                future.add_done_callback(self._cards_opened(sid, conn, address))
 
         def register() -> None:
             self.sessions.register(sock, _READ, on_accept)
@@ -683,16 +737,44 @@ class Daemon:
             self.sessions.unregister(sock)
             sock.close()
         self._listeners.clear()
+        for conn in self._opening:  # accepted, cards still opening: never started
+            conn.close()
+        self._opening.clear()
 
-    def _new_listen_handle(self, address: Address) -> _Handle:
+    def _open_listen_cards(self, address: Address) -> list[_Slot]:  # opener pool
         try:
-            slots = self._open_cards()
+            return self._open_cards()
         except Exception as exc:  # a card that cannot be opened now: refuse this VM
             log.error("%s: cannot open the cards for a new session: %s", address, exc)
-            slots = []
-        handle = _Handle(next(self._ids), "listen", address, slots)
-        self._handles[handle.sid] = handle
-        return handle
+            return []
+
+    def _cards_opened(
+        self, sid: int, conn: socket.socket, address: Address
+    ) -> Callable[[Future[list[_Slot]]], None]:
+        def start() -> None:  # session thread
+            if conn not in self._opening:  # closed by _close_listeners
+                return
+            self._opening.discard(conn)
+            slots = [] if future.cancelled() else future.result()
+            if self._stopping:
+                conn.close()
+                for slot in slots:
+                    slot.retire(power_off=False)
+                return
+            with self.lock:
+                handle = _Handle(sid, "listen", address, slots)
+                self._handles[sid] = handle
+                proto = _VscConn(self, handle, conn)
+            proto.open()
+
+        future: Future[list[_Slot]]
+
+        def done(f: Future[list[_Slot]]) -> None:  # any thread
+            nonlocal future
+            future = f
+            self.sessions.call_soon(start)
+
+        return done
 
     async def _connector(self, handle: _Handle) -> None:
         loop = asyncio.get_running_loop()
@@ -711,7 +793,6 @@ class Daemon:
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
             waiting_logged = False
-            delay = _BACKOFF_START
             done: asyncio.Future[None] = loop.create_future()
 
             def closed(done: asyncio.Future[None] = done) -> None:  # session thread
@@ -722,6 +803,16 @@ class Daemon:
                 proto = _VscConn(self, handle, sock, closed)
             self.sessions.call_soon(proto.open)
             await asyncio.shield(done)
+            if proto.engine.handshake_done:
+                delay = _BACKOFF_START  # a real session ended: back soon (QEMU restarted)
+            elif not self._stopping:
+                # The peer hung up before the handshake (accepts, then closes: a busy or
+                # broken chardev server): back off as if the connection had been refused.
+                log.info("session %d: %s closed the connection before the handshake; "
+                         "retrying in %.1f s", handle.sid, address, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
             if not self._stopping:
                 await asyncio.sleep(delay)
 
@@ -739,9 +830,8 @@ class Daemon:
         log.info("session %d: disconnected%s", handle.sid, reason)
         if handle.mode == "listen":
             self._handles.pop(handle.sid, None)
-            for slot in handle.slots:
-                with contextlib.suppress(Exception):
-                    slot.card.power_off()
+            for slot in handle.slots:  # a blocking card powers off in its own thread
+                slot.retire(power_off=True)
 
     def write_trace(self, sid: int, done: ApduDone) -> None:
         f = self.trace_file
@@ -799,10 +889,16 @@ class Daemon:
 
     def handle_request(self, request: dict[str, Any]) -> Any:
         """One control request -> result; ValueError/CcidemuError with the reason."""
+        card: Card | None = None
+        spec = request.get("card")
+        if request.get("cmd") == "insert" and isinstance(spec, str):
+            # Open the new card before taking the lock: opening may take long (a PIV card:
+            # tens of ms) and the session thread needs the lock for every read.
+            card = open_card(spec, self.config.card_options)
         with self.lock:
-            return self._request_locked(request)
+            return self._request_locked(request, card)
 
-    def _request_locked(self, request: dict[str, Any]) -> Any:
+    def _request_locked(self, request: dict[str, Any], card: Card | None = None) -> Any:
         cmd = request.get("cmd")
         if cmd == "list":
             return [self.describe(h) for h in sorted(self._handles.values(), key=lambda h: h.sid)]
@@ -847,7 +943,7 @@ class Daemon:
                 if present:
                     raise ValueError(f"reader {index} already has a card")
                 if spec is not None:
-                    new = _Slot(spec, open_card(spec, self.config.card_options))
+                    new = _Slot(spec, card or open_card(spec, self.config.card_options))
                     slot.spec, slot.card, slot.atr = new.spec, new.card, None
                 if engine is not None:
                     if spec is not None and handle.protocol is not None:
@@ -865,9 +961,16 @@ class Daemon:
         try:
             while True:
                 try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:
+                    line = exc.partial  # the last line without its newline, or b"" at the end
+                except asyncio.LimitOverrunError:
+                    # Answer, skip the rest of the line and go on: hanging up with the rest
+                    # unread would reset the connection and the client would lose the answer.
                     writer.write(encode_line({"ok": False, "error": "request line too long"}))
+                    await writer.drain()
+                    if await _skip_line(reader):
+                        continue
                     break
                 if not line:
                     break
@@ -885,6 +988,20 @@ class Daemon:
             pass
         finally:
             writer.close()
+
+
+async def _skip_line(reader: asyncio.StreamReader) -> bool:
+    """Discard input up to and including the next newline; False at the end of the stream."""
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return True
+        except asyncio.LimitOverrunError as exc:
+            # (no newline within the limit: drop what is buffered and read on; with a newline
+            # beyond it, drop up to it and the next readuntil takes the newline)
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return False
 
 
 def _bind_unix(path: Path) -> socket.socket:
