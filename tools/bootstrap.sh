@@ -19,10 +19,26 @@ for p in "${PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
   echo "bootstrap: installing system packages: ${missing[*]}" >&2
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || {
+      echo "bootstrap: need root or sudo to install: ${missing[*]}" >&2
+      exit 1
+    }
+    SUDO=(sudo)
+  fi
+  # sudo resets the environment, so DEBIAN_FRONTEND is set by env(1) after it.  On a freshly
+  # booted VM unattended-upgrades or cloud-init may hold apt's locks for minutes:
+  # DPkg::Lock::Timeout makes 'install' wait for the dpkg lock, but 'update' does not wait for
+  # the lists lock (apt 2.6), so it is retried (5 minutes at most).
+  APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600)
+  for attempt in $(seq 30); do
+    "${APT[@]}" update && break
+    ((attempt < 30)) || exit 1
+    echo "bootstrap: apt-get update failed (apt locked by another process?); retrying in 10 s" >&2
+    sleep 10
+  done
+  "${APT[@]}" install -y --no-install-recommends "${missing[@]}"
 fi
 
 PY=/usr/bin/python3

@@ -49,6 +49,11 @@ def require(tools: Sequence[str] = TOOLS, files: Sequence[Path] = (VPCD_DRIVER, 
     pytest.skip(reason)
 
 
+def _pcscd() -> str:
+    """pcscd's path: it is in /usr/sbin, which a non-root user's PATH lacks on Debian."""
+    return shutil.which("pcscd") or "/usr/sbin/pcscd"
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -148,7 +153,7 @@ class PcscdHarness:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _ACTIVATE, str(fd),
-                 "pcscd", "--foreground", "--debug", "--apdu", "-c", str(conf)],
+                 _pcscd(), "--foreground", "--debug", "--apdu", "-c", str(conf)],
                 pass_fds=[fd], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         listener.close()
