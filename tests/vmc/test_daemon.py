@@ -6,10 +6,8 @@ the signal test, which runs the real console script.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import stat
@@ -18,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,9 +26,9 @@ from ccidemu.cards import CardOptions, register
 from ccidemu.errors import CardError, ConfigError
 from ccidemu.trace import read_trace
 from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, VscReaderRemove
+from tests.vmc.daemon_harness import RunningDaemon, echo, free_port, serve
 from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.control import ControlError, control_request
-from vmc.daemon import Daemon, ServeConfig
 from vmc.fakeqemu import FakeQemu
 
 H = bytes.fromhex
@@ -69,86 +66,6 @@ def open_slow(argument: str, options: CardOptions) -> BlockingCard:
 
 register("flaky", f"{__name__}:open_flaky")
 register("slow", f"{__name__}:open_slow")
-
-
-class RunningDaemon:
-    """A Daemon on an event loop in a background thread."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        self.daemon = Daemon(config)
-        self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
-        if not self._started.wait(10):
-            raise TimeoutError("daemon did not start")
-        if self._error is not None:
-            raise self._error
-
-    def _main(self) -> None:
-        async def main() -> None:
-            try:
-                await self.daemon.start()
-            except BaseException as exc:
-                self._error = exc
-                self._started.set()
-                return
-            self._started.set()
-            await self.daemon.run()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    def call(self, func: Any, *args: Any) -> Any:
-        """Run ``func(*args)`` on the daemon's loop; its result."""
-        async def run() -> Any:
-            return func(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.daemon.request_stop)
-            self._thread.join(10)
-            assert not self._thread.is_alive(), "daemon did not stop"
-
-
-@pytest.fixture
-def tmp(tmp_path: Path) -> Iterator[Path]:
-    # unix socket paths are limited to ~107 bytes; pytest's tmp_path can be long
-    short = Path(f"/tmp/ccd-{os.getpid()}-{tmp_path.name[-12:]}")
-    short.mkdir(exist_ok=True)
-    yield short
-    for p in short.iterdir():
-        p.unlink()
-    short.rmdir()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def serve(**kw: Any) -> RunningDaemon:
-    kw.setdefault("cards", ["test:"])
-    return RunningDaemon(ServeConfig(**kw))
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[RunningDaemon]]:
-    running: list[RunningDaemon] = []
-    yield running
-    for d in running:
-        d.stop()
-
-
-def echo(fake: FakeQemu, payload: bytes, reader_id: int = 0) -> None:
-    assert fake.transmit(H("80e00000") + bytes([len(payload)]) + payload, reader_id) == (
-        payload + H("9000")
-    )
 
 
 # --------------------------------------------------------------------------- --listen

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
 import socket
@@ -33,10 +32,9 @@ from ccidemu.card import BuiltinTestCard
 from ccidemu.cards import CardOptions, register
 from ccidemu.errors import CardError
 from ccidemu.vsc import VscCardRemove, VscInit, encode_vsc
-from tests.vmc.test_daemon import RunningDaemon
+from tests.vmc.daemon_harness import RunningDaemon, echo, serve
 from vmc.addr import UnixAddress
 from vmc.control import ControlError, control_request
-from vmc.daemon import ServeConfig
 from vmc.fakeqemu import FakeQemu
 
 H = bytes.fromhex
@@ -86,24 +84,6 @@ register("slowopen", f"{__name__}:open_slowopen")
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture
-def tmp(tmp_path: Path) -> Iterator[Path]:
-    short = Path(f"/tmp/ccda-{os.getpid()}-{tmp_path.name[-12:]}")
-    short.mkdir(exist_ok=True)
-    yield short
-    for p in short.iterdir():
-        p.unlink()
-    short.rmdir()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[RunningDaemon]]:
-    running: list[RunningDaemon] = []
-    yield running
-    for d in running:
-        d.stop()
-
-
 @pytest.fixture(autouse=True)
 def _gates() -> Iterator[None]:
     TRANSMIT_GATE.clear()
@@ -113,16 +93,6 @@ def _gates() -> Iterator[None]:
     TRANSMIT_GATE.set()  # never leave a card thread stuck
     OPEN_GATE.set()
     OPEN_ARMED.clear()
-
-
-def serve(**kw: Any) -> RunningDaemon:
-    kw.setdefault("cards", ["test:"])
-    return RunningDaemon(ServeConfig(**kw))
-
-
-def echo(fake: FakeQemu, payload: bytes, timeout: float = 5.0) -> None:
-    apdu = H("80e00000") + bytes([len(payload)]) + payload
-    assert fake.transmit(apdu, timeout=timeout) == payload + H("9000")
 
 
 def frame(type_: int, reader_id: int, payload: bytes = b"") -> bytes:
