@@ -553,7 +553,7 @@ class VscSession:
         return reader
 
     def _token(self, reader: _Reader) -> int:
-        token = self._next_token * len(self._readers) + reader.index
+        token = self._next_token * self._nreaders + reader.index
         self._next_token += 1
         reader.token = token
         return token
@@ -663,15 +663,7 @@ class VscSession:
         elif reader.in_flight is None and reader.inserted and not (
             reader.remove_after_flight or self._shutting_down
         ):
-            # _start_apdu inlined: the hot path
-            reader.in_flight = data
-            reader.started = now
-            reader.apdu_count += 1
-            self.apdus += 1
-            token = self._next_token * self._nreaders + reader.index  # see _token
-            self._next_token += 1
-            reader.token = token
-            self._actions.append(Transmit(reader.index, data, token))
+            self._start_apdu(reader, data, now)
         elif not reader.inserted or reader.remove_after_flight or self._shutting_down:
             self._refuse(reader_id, "no card in the reader")
         elif len(reader.queue) < self._max_queue:
