@@ -351,6 +351,7 @@ class _VscConn:
             return
         self.dead = True
         self.engine.connection_lost()
+        self._stats.errors += self.engine.errors  # the engine counts; keep its count when it goes
         if self.handle.protocol is self:
             self.handle.protocol = None
         self.daemon.session_ended(self.handle, exc)
@@ -420,8 +421,6 @@ class _VscConn:
         if out:
             self._write_locked(out)
         if close is not None:
-            if close.error:
-                stats.errors += 1
             self.close_locked()
 
     def _write_locked(self, data: bytes) -> None:
@@ -470,7 +469,7 @@ class _VscConn:
             self._loop.call_soon(apply)
 
     def _card_exception(self, exc: BaseException) -> None:
-        self._stats.errors += 1
+        # Not counted here: the engine counts the failure it is told about next.
         if not isinstance(exc, CcidemuError):
             log.error("session %d: card raised %r", self.handle.sid, exc, exc_info=exc)
 

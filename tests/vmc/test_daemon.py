@@ -216,7 +216,17 @@ def test_card_errors_answer_general_error_and_keep_serving(
         with pytest.raises(CardError):
             fake.transmit(H("80ef0000"))
         echo(fake, b"still here")
-    assert d.call(d.daemon.handle_request, {"cmd": "stats"})["errors"] >= 2
+        # each failure counted once, while the session lives ...
+        assert d.call(d.daemon.handle_request, {"cmd": "stats"})["errors"] == 2
+    deadline = time.monotonic() + 5
+    while d.call(d.daemon.handle_request, {"cmd": "stats"})["sessions"] and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    # ... and still once after it ended
+    stats = d.call(d.daemon.handle_request, {"cmd": "stats"})
+    assert stats["sessions"] == 0
+    assert stats["errors"] == 2
 
 
 def test_blocking_card_runs_in_thread_pool(tmp: Path, daemons: list[RunningDaemon]) -> None:
