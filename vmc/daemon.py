@@ -755,7 +755,7 @@ class Daemon:
                 return
             self._opening.discard(conn)
             slots = [] if future.cancelled() else future.result()
-            if self._stopping:
+            if self._stopping or not slots:  # stopping, or the cards failed to open (logged)
                 conn.close()
                 for slot in slots:
                     slot.retire(power_off=False)

@@ -64,6 +64,18 @@ def open_slow(argument: str, options: CardOptions) -> BlockingCard:
     return BlockingCard(argument)
 
 
+_FRAGILE_OPENS = [0]
+
+
+def open_fragile(argument: str, options: CardOptions) -> BuiltinTestCard:
+    """``fragile:``: opens once (the daemon's start-up probe), then fails to open."""
+    _FRAGILE_OPENS[0] += 1
+    if _FRAGILE_OPENS[0] > 1:
+        raise ConfigError("the card file went away")
+    return BuiltinTestCard(argument)
+
+
+register("fragile", f"{__name__}:open_fragile")
 register("flaky", f"{__name__}:open_flaky")
 register("slow", f"{__name__}:open_slow")
 
@@ -227,6 +239,22 @@ def test_card_errors_answer_general_error_and_keep_serving(
     stats = d.call(d.daemon.handle_request, {"cmd": "stats"})
     assert stats["sessions"] == 0
     assert stats["errors"] == 2
+
+
+def test_listen_connection_whose_cards_fail_to_open_is_refused(
+    tmp: Path, daemons: list[RunningDaemon]
+) -> None:
+    _FRAGILE_OPENS[0] = 0
+    addr = UnixAddress(tmp / "vm.sock")
+    d = serve(listen=[addr], cards=["fragile:"])
+    daemons.append(d)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(addr.path))
+        assert s.recv(4096) == b""  # closed by the daemon, not served a reader-less session
+    listing = d.call(d.daemon.handle_request, {"cmd": "list"})
+    assert not [x for x in listing if x.get("connected")]
+    assert d.call(d.daemon.handle_request, {"cmd": "stats"})["sessions"] == 0
 
 
 def test_blocking_card_runs_in_thread_pool(tmp: Path, daemons: list[RunningDaemon]) -> None:
