@@ -6,6 +6,7 @@ accepted: the scheme is required so that a path is never mistaken for a host.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -65,3 +66,20 @@ def parse_address(text: str) -> Address:
     if not 0 <= port <= 65535:
         raise ConfigError(f"address {text!r}: port {port} is out of range")
     return TcpAddress(host, port)
+
+
+def connect(address: Address, timeout: float | None = None) -> socket.socket:
+    """A blocking stream socket connected to ``address`` (OSError if nobody answers).
+
+    ``timeout`` bounds the connect and stays set on the socket; names are resolved for TCP.
+    """
+    if isinstance(address, UnixAddress):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(address.path))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection((address.host, address.port), timeout=timeout)

@@ -34,3 +34,28 @@ def test_parse(text: str, expected: object) -> None:
 def test_reject(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_address(text)
+
+
+def test_connect_unix_and_tcp(tmp_path: Path) -> None:
+    import socket
+
+    from vmc.addr import connect
+
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        with connect(UnixAddress(path), timeout=2) as c:
+            conn, _ = srv.accept()
+            c.sendall(b"x")
+            assert conn.recv(1) == b"x"
+            conn.close()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        with connect(TcpAddress("localhost", srv.getsockname()[1]), timeout=2) as c:
+            conn, _ = srv.accept()
+            assert c.gettimeout() == 2
+            conn.close()
+    with pytest.raises(OSError):
+        connect(UnixAddress(tmp_path / "missing.sock"), timeout=1)
