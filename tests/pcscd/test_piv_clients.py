@@ -8,7 +8,6 @@ Every test works on a fresh copy of fixtures/certs and its own state directory.
 
 from __future__ import annotations
 
-import importlib
 import re
 import shutil
 from collections.abc import Iterator
@@ -63,23 +62,8 @@ class PivSetup:
         return x509.load_pem_x509_certificate((self.certs / f"{slot}.crt").read_bytes())
 
 
-def _piv_missing() -> str | None:
-    """Why the PIV card cannot be tried yet (None: it can)."""
-    for module in ("ccidemu.cards.piv", "ccidemu.cards.piv_files"):
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            return f"PIV card not written yet: {module} ({exc})"
-    if not (FIXTURES / "card.toml").exists():
-        return "fixtures/certs/card.toml missing (run 'ccidemu certs generate')"
-    return None
-
-
 @pytest.fixture
 def piv(pcscd: PcscdHarness, tmp_path: Path) -> Iterator[PivSetup]:
-    missing = _piv_missing()
-    if missing:
-        pytest.skip(missing)
     certs = tmp_path / "certs"
     shutil.copytree(FIXTURES, certs)
     setup = PivSetup(pcscd, certs, tmp_path / "state", tmp_path)
