@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from ccidemu.errors import CcidemuError, ConfigError
-from vmc.addr import Address, TcpAddress, UnixAddress, parse_address
+from vmc.addr import Address, UnixAddress, connect, parse_address
 
 __all__ = [
     "MAX_LINE",
@@ -96,13 +95,7 @@ def control_request(
 ) -> Any:
     """Send one request to a running daemon; its ``result``, or ControlError with the reason."""
     try:
-        if isinstance(address, UnixAddress):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(str(address.path))
-        else:
-            assert isinstance(address, TcpAddress)
-            sock = socket.create_connection((address.host, address.port), timeout=timeout)
+        sock = connect(address, timeout)
     except OSError as exc:
         raise ControlError(
             f"cannot reach the daemon's control socket {address}: {exc.strerror or exc}"

@@ -16,9 +16,9 @@ doing anything reaches only 0.7 of a raw socket's round-trip rate; a selector lo
 listeners; connectors hand it the socket once connected.
 
 Per connection (:class:`_VscConn`): a readable socket is read into a per-connection buffer,
-the bytes go to the engine, then :meth:`_VscConn.pump` drains the engine's actions (card
-requests, finished exchanges, close) and writes everything the engine queued in one ``send``
-(the replies to a burst of messages are coalesced).  Output the peer does not take yet is
+the bytes go to the engine, then :meth:`_VscConn.pump_locked` drains the engine's actions
+(card requests, finished exchanges, close) and writes everything the engine queued in one
+``send`` (the replies to a burst of messages are coalesced).  Output the peer does not take yet is
 kept and the connection stops reading until it is written.  Emulated cards
 (``blocking = False``) answer inline; every blocking card has a thread of its own (started on
 first use; calls to one card stay in order, a slow card never waits for a thread another
@@ -54,6 +54,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -64,6 +65,7 @@ from ccidemu.trace import TraceRecord, format_record
 from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.control import MAX_LINE, check_control_path, decode_line, encode_line
 from vmc.session import ApduDone, Closed, PowerOff, PowerOn, Transmit, VscSession
+from vmc.sockets import Backoff, set_nodelay
 
 __all__ = [
     "DEFAULT_CARD",
@@ -79,8 +81,6 @@ DEFAULT_CARD = "piv:"
 #: Where to connect when neither ``--connect`` nor ``--listen`` is given (QEMU docs' port).
 DEFAULT_CONNECT = "tcp:127.0.0.1:2001"
 
-_BACKOFF_START = 0.1
-_BACKOFF_MAX = 2.0
 _SHUTDOWN_GRACE = 3.0  # seconds to wait for responses in flight at shutdown
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -387,7 +387,7 @@ class _VscConn:
                         engine.transmit_done(action.token, response, time.monotonic())
                 else:
                     self._in_thread(
-                        slots[action.reader], card.transmit, action.apdu, action.token,
+                        slots[action.reader], partial(card.transmit, action.apdu), action.token,
                         engine.transmit_done, engine.transmit_failed,
                     )
             elif kind is ApduDone:
@@ -400,7 +400,7 @@ class _VscConn:
                     engine.power_on_done(action.token, slot.atr, time.monotonic())
                 elif slot.card.blocking:
                     self._in_thread(
-                        slot, _power_on_call(slot), b"", action.token,
+                        slot, partial(_power_on, slot), action.token,
                         engine.power_on_done, engine.power_on_failed,
                     )
                 else:
@@ -476,8 +476,7 @@ class _VscConn:
     def _in_thread(
         self,
         slot: _Slot,
-        func: Callable[[bytes], bytes],
-        arg: bytes,
+        call: Callable[[], bytes],
         token: int,
         done: Callable[[int, bytes, float], None],
         failed: Callable[[int, str, float], None],
@@ -485,7 +484,7 @@ class _VscConn:
         """Run a blocking card call in the card's thread; its answer is handled in the session
         thread."""
         try:
-            future: Future[bytes] = slot.submit(func, arg)
+            future: Future[bytes] = slot.submit(call)
         except RuntimeError:  # shutting down: the card's thread is gone
             failed(token, "the daemon is stopping", time.monotonic())
             return
@@ -532,13 +531,6 @@ def _power_on(slot: _Slot) -> bytes:
     return atr
 
 
-def _power_on_call(slot: _Slot) -> Callable[[bytes], bytes]:
-    def call(_unused: bytes) -> bytes:
-        return _power_on(slot)
-
-    return call
-
-
 def _why(exc: BaseException) -> str:
     if isinstance(exc, CardError):
         return f"card error: {exc}"
@@ -573,7 +565,7 @@ class Daemon:
         self.trace_file: IO[str] | None = None
         self._ids = itertools.count(1)
         self._handles: dict[int, _Handle] = {}
-        self._servers: list[asyncio.Server] = []
+        self._control_server: asyncio.Server | None = None
         self._listeners: list[socket.socket] = []
         self._opening: set[socket.socket] = set()  # accepted; cards being opened (session thread)
         self._unix_paths: list[Path] = []
@@ -634,8 +626,8 @@ class Daemon:
             return
         self._closed = True
         self._stopping = True
-        for server in self._servers:
-            server.close()
+        if self._control_server is not None:
+            self._control_server.close()
         for task in self._tasks:
             task.cancel()
         self.sessions.call_soon(self._close_listeners)
@@ -676,19 +668,17 @@ class Daemon:
     # ---------------------------------------------------------------- sockets
 
     async def _listen_control(self, address: Address) -> None:
-        server: asyncio.Server
         if isinstance(address, UnixAddress):
             sock = _bind_unix(address.path)
             self._unix_paths.append(address.path)
-            server = await asyncio.start_unix_server(
+            self._control_server = await asyncio.start_unix_server(
                 self._control_client, sock=sock, limit=MAX_LINE
             )
         else:
             assert isinstance(address, TcpAddress)
-            server = await asyncio.start_server(
+            self._control_server = await asyncio.start_server(
                 self._control_client, address.host, address.port, limit=MAX_LINE
             )
-        self._servers.append(server)
 
     def _listen_vm(self, address: Address) -> None:
         """Listen for VMs: the session thread accepts."""
@@ -713,7 +703,7 @@ class Daemon:
                     log.warning("%s: accept failed: %s", address, exc)
                     return
                 conn.setblocking(False)
-                _nodelay(conn)
+                set_nodelay(conn)
                 # The cards are opened in the opener pool; the connection waits (its bytes
                 # stay in the kernel) and starts in the session thread once they are ready.
                 self._opening.add(conn)
@@ -778,7 +768,7 @@ class Daemon:
     async def _connector(self, handle: _Handle) -> None:
         loop = asyncio.get_running_loop()
         address = handle.address
-        delay = _BACKOFF_START
+        backoff = Backoff()
         waiting_logged = False
         while not self._stopping:
             try:
@@ -788,8 +778,7 @@ class Daemon:
                     log.info("session %d: waiting for %s (%s)", handle.sid, address,
                              exc.strerror or exc)
                     waiting_logged = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+                await asyncio.sleep(backoff.next())
                 continue
             waiting_logged = False
             done: asyncio.Future[None] = loop.create_future()
@@ -802,18 +791,18 @@ class Daemon:
                 proto = _VscConn(self, handle, sock, closed)
             self.sessions.call_soon(proto.open)
             await asyncio.shield(done)
-            if proto.engine.handshake_done:
-                delay = _BACKOFF_START  # a real session ended: back soon (QEMU restarted)
-            elif not self._stopping:
-                # The peer hung up before the handshake (accepts, then closes: a busy or
-                # broken chardev server): back off as if the connection had been refused.
-                log.info("session %d: %s closed the connection before the handshake; "
-                         "retrying in %.1f s", handle.sid, address, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX)
+            if self._stopping:
+                break
+            if proto.engine.handshake_done:  # a real session ended: back soon (QEMU restarted)
+                backoff.reset()
+                await asyncio.sleep(backoff.start)
                 continue
-            if not self._stopping:
-                await asyncio.sleep(delay)
+            # The peer hung up before the handshake (accepts, then closes: a busy or broken
+            # chardev server): back off as if the connection had been refused.
+            delay = backoff.next()
+            log.info("session %d: %s closed the connection before the handshake; "
+                     "retrying in %.1f s", handle.sid, address, delay)
+            await asyncio.sleep(delay)
 
     # ---------------------------------------------------------------- sessions
 
@@ -897,7 +886,7 @@ class Daemon:
         with self.lock:
             return self._request_locked(request, card)
 
-    def _request_locked(self, request: dict[str, Any], card: Card | None = None) -> Any:
+    def _request_locked(self, request: dict[str, Any], card: Card | None) -> Any:
         cmd = request.get("cmd")
         if cmd == "list":
             return [self.describe(h) for h in sorted(self._handles.values(), key=lambda h: h.sid)]
@@ -942,8 +931,8 @@ class Daemon:
                 if present:
                     raise ValueError(f"reader {index} already has a card")
                 if spec is not None:
-                    new = _Slot(spec, card or open_card(spec, self.config.card_options))
-                    slot.spec, slot.card, slot.atr = new.spec, new.card, None
+                    assert card is not None  # opened by handle_request, before the lock
+                    slot.spec, slot.card, slot.atr = spec, card, None
                 if engine is not None:
                     if spec is not None and handle.protocol is not None:
                         handle.protocol.card_changed(index)
@@ -1083,14 +1072,9 @@ async def _connect(address: Address) -> socket.socket:
         except BaseException:
             sock.close()
             raise
-        _nodelay(sock)
+        set_nodelay(sock)
         return sock
     raise error
-
-
-def _nodelay(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

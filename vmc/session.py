@@ -1,7 +1,7 @@
 """The VSCard session engine: one chardev connection to QEMU (or one SPICE smartcard channel).
 
 Sans-I/O: bytes from the peer and card answers go in, bytes for the peer and card requests
-come out; the current time is passed in as ``now`` (seconds, any monotonic clock).  The asyncio
+come out; the current time is passed in as ``now`` (seconds, any monotonic clock).  The I/O
 adapter is :mod:`vmc.daemon`.  Spec: libcacard ``vscard_common.h``; QEMU 7.2's behaviour as
 recorded in PROTOCOL-NOTES section 1.
 
@@ -276,7 +276,6 @@ class VscSession:
         self._adding: _Reader | None = None
         self._shutting_down = False
         self._closed: str | None = None
-        self.peer_version: int | None = None
         self.apdus = 0
         self.errors = 0
 
@@ -694,7 +693,6 @@ class VscSession:
             log.debug("%s: extra Init from the peer ignored", self.label)
             return
         self._handshake_done = True
-        self.peer_version = msg.version
         major, middle, minor = split_version(msg.version)
         if msg.version != VscInit(0).version:
             log.warning("%s: peer speaks VSCard %d.%d.%d; continuing", self.label, major,

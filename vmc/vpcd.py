@@ -27,9 +27,10 @@ import threading
 from ccidemu.card import Card
 from ccidemu.errors import ConfigError, DecodeError
 from ccidemu.vpcd import VpcdCardSlot, VpcdConnection, describe_event
-from vmc.addr import Address, TcpAddress
+from vmc.addr import Address, TcpAddress, connect
+from vmc.sockets import BACKOFF_MAX, BACKOFF_START, Backoff, set_nodelay
 
-__all__ = ["DEFAULT_VPCD_ADDRESS", "VpcdBridge", "tune_socket"]
+__all__ = ["DEFAULT_VPCD_ADDRESS", "VpcdBridge"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _quickack(sock: socket.socket) -> None:
 
 def tune_socket(sock: socket.socket) -> None:
     """TCP_NODELAY and TCP_QUICKACK on the card's socket (the 40 ms trap)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(sock)
     _quickack(sock)
 
 
@@ -56,7 +57,7 @@ class VpcdBridge:
     """One card, one vpcd reader.  ``run()`` blocks until ``stop()``.
 
     ``backoff_initial``/``backoff_max``: seconds between connection attempts, doubling from
-    the first to the second while vpcd stays unreachable.
+    the first to the second while vpcd stays unreachable or hangs up before asking anything.
     """
 
     def __init__(
@@ -64,8 +65,8 @@ class VpcdBridge:
         card: Card,
         address: Address = DEFAULT_VPCD_ADDRESS,
         *,
-        backoff_initial: float = 0.1,
-        backoff_max: float = 2.0,
+        backoff_initial: float = BACKOFF_START,
+        backoff_max: float = BACKOFF_MAX,
     ) -> None:
         if not isinstance(address, TcpAddress):
             raise ConfigError(f"vpcd listens on TCP; {address} is not a tcp:HOST:PORT address")
@@ -75,6 +76,8 @@ class VpcdBridge:
         self.backoff_max = backoff_max
         #: Completed connections (a test can wait for a reconnect with it).
         self.connections = 0
+        #: Requests from vpcd answered, over all connections.
+        self.requests = 0
         self._sock: socket.socket | None = None
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -112,33 +115,30 @@ class VpcdBridge:
             os.read(self._wake_r, 64)
 
     def _connect(self) -> socket.socket:
-        assert isinstance(self.address, TcpAddress)
-        sock = socket.create_connection((self.address.host, self.address.port), timeout=5.0)
+        sock = connect(self.address, timeout=5.0)
         sock.settimeout(None)
         tune_socket(sock)
         return sock
 
     def run(self) -> None:
         """Connect, serve, reconnect; return after ``stop()``."""
-        delay = self.backoff_initial
-        unreachable_logged = False
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
+        trouble_logged = False  # warned that vpcd is unreachable or hangs up at once
         while not self._stopping.is_set():
             try:
                 sock = self._connect()
             except OSError as exc:
-                if not unreachable_logged:
+                if not trouble_logged:
                     log.warning("vpcd at %s not reachable (%s); retrying until it is",
                                 self.address, exc.strerror or exc)
-                    unreachable_logged = True
-                self._sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
+                    trouble_logged = True
+                self._sleep(backoff.next())
                 continue
-            delay = self.backoff_initial
-            unreachable_logged = False
             self.connections += 1
             log.info("connected to vpcd at %s: card %s inserted", self.address, self.card.name)
             self._sock = sock
             self._connected.set()
+            requests = self.requests
             try:
                 reason = self._serve(sock)
             finally:
@@ -147,8 +147,19 @@ class VpcdBridge:
                 sock.close()
             if self._stopping.is_set():
                 break
-            log.warning("vpcd connection lost (%s); reconnecting", reason)
-            self._sleep(self.backoff_initial)
+            if self.requests > requests:  # a real connection ended (pcscd restarted): back soon
+                backoff.reset()
+                trouble_logged = False
+                log.warning("vpcd connection lost (%s); reconnecting", reason)
+                self._sleep(backoff.start)
+                continue
+            # vpcd hung up before asking anything (accepts, then closes): back off as if
+            # it had refused the connection.
+            if not trouble_logged:
+                log.warning("vpcd at %s closed the connection before any request (%s); "
+                            "retrying until it asks", self.address, reason)
+                trouble_logged = True
+            self._sleep(backoff.next())
         log.info("vpcd bridge stopped")
 
     def _serve(self, sock: socket.socket) -> str:
@@ -173,6 +184,7 @@ class VpcdBridge:
                 conn.receive_data(data)
                 while (event := conn.next_event()) is not None:
                     reply = self.slot.handle(event)
+                    self.requests += 1
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("vpcd %s -> %d bytes", describe_event(event), len(reply))
                     if reply:

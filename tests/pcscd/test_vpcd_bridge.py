@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -127,6 +129,43 @@ def test_stop_while_vpcd_unreachable() -> None:
     thread = _start(bridge)
     assert not bridge.wait_connected(0.3)
     _stop(bridge, thread)
+
+
+def test_vpcd_that_hangs_up_at_once_is_retried_with_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A vpcd that accepts and closes before asking anything is retried with the capped
+    backoff (0.1, 0.2, 0.4, 0.8 s ... by default), not every 0.1 s, and warned about once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    closing = threading.Event()
+
+    def hang_up() -> None:
+        while not closing.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    acceptor = threading.Thread(target=hang_up, daemon=True)
+    acceptor.start()
+    caplog.set_level(logging.WARNING, logger="vmc.vpcd")
+    bridge = VpcdBridge(BuiltinTestCard(), TcpAddress("127.0.0.1", port))
+    thread = _start(bridge)
+    try:
+        time.sleep(2.0)
+        # retries after 0.1, 0.3, 0.7 and 1.5 s: 5 connections (every 0.1 s would be ~20)
+        assert 2 <= bridge.connections <= 6
+        assert bridge.requests == 0
+    finally:
+        _stop(bridge, thread)
+        closing.set()
+        acceptor.join(5)
+        listener.close()
+    warnings = [r for r in caplog.records if r.name == "vmc.vpcd"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
 def test_unix_address_refused() -> None:
