@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ccidemu.cards.piv import DEFAULT_MANAGEMENT_KEY, DEFAULT_PIN, DEFAULT_PUK
 from ccidemu.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ log = logging.getLogger(__name__)
 #: Fixed validity window so that committed fixtures never expire during the project's life.
 NOT_BEFORE = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
 NOT_AFTER = datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
-
-#: PIN, PUK and management key written into the example profile (the PIV defaults).
-DEFAULT_PIN = "123456"
-DEFAULT_PUK = "12345678"
-DEFAULT_MANAGEMENT_KEY = "010203040506070801020304050607080102030405060708"
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,7 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def profile_example(directory_name: str = ".") -> str:
+def profile_example() -> str:
     """The example ``card.toml`` written beside the generated files."""
     slots = "\n".join(
         f'[slots.{spec.slot}]\ncert = "{spec.slot}.crt"\nkey = "{spec.slot}.key"\n'
@@ -183,9 +179,9 @@ def profile_example(directory_name: str = ".") -> str:
     return (
         "# ccidemu PIV card profile (use as --card piv:PATH/card.toml).\n"
         "# Paths are relative to this file.  See fixtures/certs/README.md.\n"
-        f'pin = "{DEFAULT_PIN}"\n'
-        f'puk = "{DEFAULT_PUK}"\n'
-        f'management_key = "{DEFAULT_MANAGEMENT_KEY}"\n'
+        f'pin = "{DEFAULT_PIN.decode()}"\n'
+        f'puk = "{DEFAULT_PUK.decode()}"\n'
+        f'management_key = "{DEFAULT_MANAGEMENT_KEY.hex()}"\n'
         'management_key_algorithm = "3des"\n'
         "pin_retries = 3\n"
         "puk_retries = 3\n"

@@ -26,32 +26,27 @@ from collections.abc import Callable, Collection, Mapping
 
 from ccidemu.apdu import (
     CLA_CHAINING,
+    MAX_EXTENDED_NC,
     MAX_EXTENDED_NE,
     MAX_SHORT_NE,
     ChainAssembler,
     ChainError,
     CommandApdu,
+    InsName,
     parse_command,
 )
 from ccidemu.errors import DecodeError, StatusWordError
-from ccidemu.sw import SW
+from ccidemu.sw import SW, sw_bytes
 
 log = logging.getLogger(__name__)
 
 #: A command handler: the parsed (and de-chained) command in, the response data out.
 Handler = Callable[[CommandApdu], bytes]
 
-INS_GET_RESPONSE = 0xC0
-
-#: The default cap on a joined command chain (largest extended Nc).
-DEFAULT_MAX_CHAIN = 65535
-
+#: A plain int: compared with every command's INS (an enum member lookup costs more).
+INS_GET_RESPONSE = int(InsName.GET_RESPONSE)
 
 _OK = b"\x90\x00"
-
-
-def _sw(sw: int) -> bytes:
-    return (sw & 0xFFFF).to_bytes(2, "big")
 
 
 class IsoDispatcher:
@@ -67,7 +62,7 @@ class IsoDispatcher:
         *,
         chaining: Collection[int] = (),
         classes: Collection[int] = (0x00,),
-        max_chain: int = DEFAULT_MAX_CHAIN,
+        max_chain: int = MAX_EXTENDED_NC,  # the largest extended Nc
     ) -> None:
         self._handlers = dict(handlers)
         self._chaining = frozenset(chaining)
@@ -83,11 +78,6 @@ class IsoDispatcher:
         self._chain.reset()
         self._pending = b""
 
-    @property
-    def response_pending(self) -> int:
-        """How many response bytes wait for GET RESPONSE."""
-        return len(self._pending)
-
     def process(self, apdu: bytes) -> bytes:
         """Answer one command APDU; always returns data + SW1 SW2, never raises."""
         # one function for the whole path (steps 1-6): this runs for every APDU
@@ -97,11 +87,11 @@ class IsoDispatcher:
             except DecodeError as exc:
                 log.debug("malformed command APDU %s: %s", bytes(apdu).hex(), exc)
                 self._pending = b""
-                return _sw(SW.WRONG_LENGTH)
+                return sw_bytes(SW.WRONG_LENGTH)
             cla, ins = cmd.cla, cmd.ins
             if cla not in self._accepted:
                 self._pending = b""
-                return _sw(self._class_error(cla))
+                return sw_bytes(self._class_error(cla))
             chain_pending = self._chain.pending
             if ins == INS_GET_RESPONSE and not chain_pending:
                 return self._get_response(cmd)
@@ -109,15 +99,15 @@ class IsoDispatcher:
             handler = self._handlers.get(ins)
             if handler is None:
                 self._chain.reset()
-                return _sw(SW.INS_NOT_SUPPORTED)
+                return sw_bytes(SW.INS_NOT_SUPPORTED)
             if cla & CLA_CHAINING or chain_pending:
                 if ins not in self._chaining:
                     self._chain.reset()
-                    return _sw(SW.COMMAND_CHAINING_NOT_SUPPORTED)
+                    return sw_bytes(SW.COMMAND_CHAINING_NOT_SUPPORTED)
                 try:
                     joined = self._chain.feed(cmd)
                 except ChainError as exc:
-                    return _sw(exc.sw)
+                    return sw_bytes(exc.sw)
                 if joined is None:
                     return _OK
                 cmd = joined
@@ -128,12 +118,12 @@ class IsoDispatcher:
             return self._send(data, limit)
         except StatusWordError as exc:
             self._pending = b""
-            return _sw(exc.sw)
+            return sw_bytes(exc.sw)
         except Exception:
             log.exception("card handler failed on %s", bytes(apdu[:4]).hex())
             self._pending = b""
             self._chain.reset()
-            return _sw(SW.NO_PRECISE_DIAGNOSIS)
+            return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
 
     def _class_error(self, cla: int) -> int:
         if cla & 0xE0 == 0:  # first interindustry class (ISO/IEC 7816-4 table 2)
@@ -154,9 +144,9 @@ class IsoDispatcher:
     def _get_response(self, cmd: CommandApdu) -> bytes:
         """GET RESPONSE (ISO/IEC 7816-4:2013 section 7.6.1): P1 P2 = 00 00."""
         if not self._pending:
-            return _sw(SW.CONDITIONS_NOT_SATISFIED)
+            return sw_bytes(SW.CONDITIONS_NOT_SATISFIED)
         if cmd.p1 or cmd.p2 or cmd.data:
             self._pending = b""
-            return _sw(SW.INCORRECT_P1P2 if cmd.p1 or cmd.p2 else SW.WRONG_LENGTH)
+            return sw_bytes(SW.INCORRECT_P1P2 if cmd.p1 or cmd.p2 else SW.WRONG_LENGTH)
         limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
         return self._send(self._pending, limit)

@@ -272,13 +272,24 @@ def default_objects(certs: dict[int, bytes], guid: bytes) -> dict[int, bytes]:
     return {int(k): v for k, v in objects.items()}
 
 
+_RSA_SIZES: dict[int, int] = {Algorithm.RSA1024: 1024, Algorithm.RSA2048: 2048,
+                              Algorithm.RSA3072: 3072, Algorithm.RSA4096: 4096}
+_RSA_ALGORITHMS: dict[int, int] = {size: algorithm for algorithm, size in _RSA_SIZES.items()}
+#: Card management key length in bytes per algorithm.
+MANAGEMENT_KEY_LENGTHS: dict[int, int] = {Algorithm.TDES: 24, Algorithm.AES128: 16,
+                                          Algorithm.AES192: 24, Algorithm.AES256: 32}
+
+
+def valid_reference(value: bytes) -> bool:
+    """Whether ``value`` (unpadded) can be a PIN or PUK: 6 to 8 bytes, none of them FF."""
+    return PIN_MIN_LENGTH <= len(value) <= PIN_MAX_LENGTH and b"\xff" not in value
+
+
 def key_algorithm(key: PrivateKey) -> int:
     """The SP 800-78-4 algorithm identifier of a private key; ValueError if unsupported."""
     if isinstance(key, rsa.RSAPrivateKey):
-        by_size = {1024: Algorithm.RSA1024, 2048: Algorithm.RSA2048,
-                   3072: Algorithm.RSA3072, 4096: Algorithm.RSA4096}
-        if key.key_size in by_size:
-            return by_size[key.key_size]
+        if key.key_size in _RSA_ALGORITHMS:
+            return _RSA_ALGORITHMS[key.key_size]
     elif isinstance(key.curve, ec.SECP256R1):
         return Algorithm.ECCP256
     elif isinstance(key.curve, ec.SECP384R1):
@@ -442,12 +453,6 @@ def _block_cipher(algorithm: int, key: bytes) -> Cipher[modes.ECB]:
     return Cipher(algorithms.AES(key), modes.ECB())
 
 
-_RSA_SIZES: dict[int, int] = {Algorithm.RSA1024: 1024, Algorithm.RSA2048: 2048,
-                              Algorithm.RSA3072: 3072, Algorithm.RSA4096: 4096}
-_MANAGEMENT_KEY_LENGTHS: dict[int, int] = {Algorithm.TDES: 24, Algorithm.AES128: 16,
-                           Algorithm.AES192: 24, Algorithm.AES256: 32}
-
-
 def _template(data: bytes, tag: int) -> list[Tlv]:
     """The children of the single TLV ``tag`` that must fill ``data`` exactly."""
     try:
@@ -469,7 +474,7 @@ def _pad_pin(pin: bytes) -> bytes:
 
 def _check_new_reference(value: bytes) -> bytes:
     stripped = _strip_pin(value)
-    if not PIN_MIN_LENGTH <= len(stripped) <= PIN_MAX_LENGTH or b"\xff" in stripped:
+    if not valid_reference(stripped):
         raise StatusWordError(SW.WRONG_DATA, "new PIN/PUK must be 6 to 8 bytes")
     return stripped
 
@@ -567,9 +572,10 @@ class PivCard:
         # VERIFY without data to answer 63Cx after its own SELECT) and (b) QEMU never
         # passes guest resets to the card (PROTOCOL-NOTES section 1), so SELECT is the
         # only sign a rebooted guest gives.  The Discovery object keeps OpenSC from
-        # re-SELECTing on every lock (PROTOCOL-NOTES section 5).
-        self.pin_verified = self.pin_always = self.admin = False
-        self._witness = self._challenge = None
+        # re-SELECTing on every lock (PROTOCOL-NOTES section 5).  (Resetting the
+        # dispatcher here is harmless: it dropped any pending response before this call,
+        # and SELECT never arrives inside a command chain.)
+        self._reset_security()
         return self._select_response
 
     # -- GET DATA / PUT DATA (part 2 sections 3.1.2 and 3.3.2) --
@@ -668,11 +674,7 @@ class PivCard:
             raise StatusWordError(0x63C0 | min(state.pin_left, 15))
         if len(cmd.data) != PIN_MAX_LENGTH:
             raise StatusWordError(SW.WRONG_DATA, "PIN must be padded to 8 bytes")
-        if not hmac.compare_digest(cmd.data, _pad_pin(state.pin)):
-            self.pin_verified = self.pin_always = False
-            state.pin_left -= 1
-            self._changed()
-            raise StatusWordError(0x63C0 | min(state.pin_left, 15))
+        self._check_reference(KeyRef.PIN, cmd.data)
         self.pin_verified = self.pin_always = True
         if state.pin_left != state.pin_retries:
             state.pin_left = state.pin_retries
@@ -915,7 +917,7 @@ class PivCard:
         if len(data) < 3 or data[1] != KeyRef.MANAGEMENT or data[2] != len(data) - 3:
             raise StatusWordError(SW.WRONG_DATA)
         algorithm = Algorithm.TDES if data[0] == Algorithm.TDES_DEFAULT else data[0]
-        if _MANAGEMENT_KEY_LENGTHS.get(algorithm) != data[2]:
+        if MANAGEMENT_KEY_LENGTHS.get(algorithm) != data[2]:
             raise StatusWordError(SW.WRONG_DATA, "key length does not fit the algorithm")
         self.state.management_key = bytes(data[3:])
         self.state.management_algorithm = algorithm

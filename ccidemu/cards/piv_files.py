@@ -64,8 +64,7 @@ from ccidemu.cards.piv import (
     DEFAULT_PIN,
     DEFAULT_PUK,
     DEFAULT_RETRIES,
-    PIN_MAX_LENGTH,
-    PIN_MIN_LENGTH,
+    MANAGEMENT_KEY_LENGTHS,
     Algorithm,
     PivCard,
     PivState,
@@ -73,7 +72,9 @@ from ccidemu.cards.piv import (
     default_objects,
     is_valid_object_tag,
     key_algorithm,
+    valid_reference,
 )
+from ccidemu.certs import key_pem
 from ccidemu.errors import ConfigError
 from ccidemu.tlv import ber_encode
 
@@ -83,9 +84,8 @@ STATE_FORMAT = 1
 CERT_SUFFIXES = (".crt", ".pem", ".cer", ".der")
 P12_SUFFIXES = (".p12", ".pfx")
 MANAGEMENT_ALGORITHMS = {
-    "3des": (Algorithm.TDES, 24), "tdes": (Algorithm.TDES, 24),
-    "aes128": (Algorithm.AES128, 16), "aes192": (Algorithm.AES192, 24),
-    "aes256": (Algorithm.AES256, 32),
+    "3des": Algorithm.TDES, "tdes": Algorithm.TDES, "aes128": Algorithm.AES128,
+    "aes192": Algorithm.AES192, "aes256": Algorithm.AES256,
 }
 _PROFILE_KEYS = {"pin", "puk", "pin_retries", "puk_retries", "management_key",
                  "management_key_algorithm", "guid", "serial", "label", "slots", "objects"}
@@ -128,7 +128,7 @@ def load_certificate(path: Path, slot: str) -> x509.Certificate:
         raise ConfigError(f"slot {slot}: {path} is not an X.509 certificate: {exc}") from None
 
 
-def _check_key_type(key: object, path: Path, slot: str) -> PrivateKey:
+def _check_key_type(key: object, path: Path | str, slot: str) -> PrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise ConfigError(f"slot {slot}: {path}: {type(key).__name__} is not RSA or ECC")
     try:
@@ -189,6 +189,25 @@ def check_pair(key: PrivateKey, cert: x509.Certificate, slot: str, where: Path) 
         raise ConfigError(f"slot {slot}: the certificate and key in {where} do not match")
 
 
+def _load_slot(name: str, files: Path | tuple[Path, Path], passphrase: bytes | None
+               ) -> tuple[PrivateKey, bytes]:
+    """One slot's key and DER certificate: ``files`` is a PKCS#12 bundle or (cert, key)."""
+    if isinstance(files, Path):
+        key, cert = load_pkcs12(files, name, passphrase)
+        where = files
+    else:
+        cert = load_certificate(files[0], name)
+        where = files[1]
+        key = load_private_key(where, name, passphrase)
+    check_pair(key, cert, name, where)
+    return key, cert.public_bytes(serialization.Encoding.DER)
+
+
+def _default_guid(source: str) -> bytes:
+    """The CHUID GUID of a card without ``guid`` or ``serial``: from its source path."""
+    return hashlib.sha256(b"ccidemu-piv-guid:" + source.encode()).digest()[:16]
+
+
 def _slot_number(name: str) -> int | None:
     try:
         value = int(name, 16)
@@ -229,16 +248,14 @@ def load_directory(directory: Path) -> CardConfig:
     for slot, files in sorted(by_slot.items()):
         name = f"{slot:02x}"
         passphrase = _passphrase_file(files["pass"], name) if "pass" in files else None
+        slot_files: Path | tuple[Path, Path]
         if "p12" in files:
             if "cert" in files or "key" in files:
                 raise ConfigError(f"slot {name}: give either {files['p12'].name} or "
                                   f"certificate + key files in {directory}, not both")
-            key, cert = load_pkcs12(files["p12"], name, passphrase)
-            check_pair(key, cert, name, files["p12"])
+            slot_files = files["p12"]
         elif "cert" in files and "key" in files:
-            cert = load_certificate(files["cert"], name)
-            key = load_private_key(files["key"], name, passphrase)
-            check_pair(key, cert, name, files["key"])
+            slot_files = (files["cert"], files["key"])
         elif "cert" in files:
             raise ConfigError(f"slot {name}: {files['cert']} has no key file "
                               f"({name}.key) in {directory}")
@@ -247,11 +264,9 @@ def load_directory(directory: Path) -> CardConfig:
                               f"({name}.crt) in {directory}")
         else:
             continue
-        state.keys[slot] = key
-        certs[slot] = cert.public_bytes(serialization.Encoding.DER)
+        state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
     source = str(directory.resolve())
-    guid = hashlib.sha256(b"ccidemu-piv-guid:" + source.encode()).digest()[:16]
-    state.objects = default_objects(certs, guid)
+    state.objects = default_objects(certs, _default_guid(source))
     return CardConfig(source, directory.resolve().name, state, certs)
 
 
@@ -259,7 +274,7 @@ def _reference(value: Any, what: str, path: Path) -> bytes:
     if not isinstance(value, str):
         raise ConfigError(f"{path}: {what} must be a string")
     raw = value.encode()
-    if not PIN_MIN_LENGTH <= len(raw) <= PIN_MAX_LENGTH or b"\xff" in raw:
+    if not valid_reference(raw):
         raise ConfigError(f"{path}: {what} must be 6 to 8 characters")
     return raw
 
@@ -300,7 +315,8 @@ def load_profile(path: Path) -> CardConfig:
     if algorithm_name not in MANAGEMENT_ALGORITHMS:
         raise ConfigError(f"{path}: management_key_algorithm {algorithm_name!r} is not one of "
                           f"{', '.join(MANAGEMENT_ALGORITHMS)}")
-    algorithm, key_length = MANAGEMENT_ALGORITHMS[algorithm_name]
+    algorithm = MANAGEMENT_ALGORITHMS[algorithm_name]
+    key_length = MANAGEMENT_KEY_LENGTHS[algorithm]
     management_key = (_hex(profile["management_key"], "management_key", path)
                       if "management_key" in profile else DEFAULT_MANAGEMENT_KEY)
     if len(management_key) != key_length:
@@ -311,6 +327,7 @@ def load_profile(path: Path) -> CardConfig:
     if not isinstance(slots, dict):
         raise ConfigError(f"{path}: [slots] must be a table")
     certs: dict[int, bytes] = {}
+    slot_files: Path | tuple[Path, Path]
     for name, entry in slots.items():
         slot = _slot_number(str(name).lower())
         if slot is None:
@@ -326,18 +343,12 @@ def load_profile(path: Path) -> CardConfig:
         if "p12" in entry:
             if "cert" in entry or "key" in entry:
                 raise ConfigError(f"{path}: [slots.{name}] has p12 and cert/key")
-            p12 = base / str(entry["p12"])
-            key, cert = load_pkcs12(p12, name, passphrase)
-            check_pair(key, cert, name, p12)
+            slot_files = base / str(entry["p12"])
         elif "cert" in entry and "key" in entry:
-            cert = load_certificate(base / str(entry["cert"]), name)
-            key_path = base / str(entry["key"])
-            key = load_private_key(key_path, name, passphrase)
-            check_pair(key, cert, name, key_path)
+            slot_files = (base / str(entry["cert"]), base / str(entry["key"]))
         else:
             raise ConfigError(f"{path}: [slots.{name}] needs cert and key, or p12")
-        state.keys[slot] = key
-        certs[slot] = cert.public_bytes(serialization.Encoding.DER)
+        state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
     source = str(path.resolve())
     if "guid" in profile:
         guid = _hex(profile["guid"], "guid", path)
@@ -346,7 +357,7 @@ def load_profile(path: Path) -> CardConfig:
     elif "serial" in profile:
         guid = hashlib.sha256(f"ccidemu-piv-serial:{profile['serial']}".encode()).digest()[:16]
     else:
-        guid = hashlib.sha256(b"ccidemu-piv-guid:" + source.encode()).digest()[:16]
+        guid = _default_guid(source)
     state.objects = default_objects(certs, guid)
     objects = profile.get("objects", {})
     if not isinstance(objects, dict):
@@ -389,17 +400,12 @@ def state_path(state_dir: Path, source: str) -> Path:
     return state_dir / f"piv-{hashlib.sha256(source.encode()).hexdigest()[:16]}.json"
 
 
-def _key_pem(key: PrivateKey) -> str:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
-
-
 def state_to_json(state: PivState, initial: PivState, source: str) -> dict[str, Any]:
     """The saved form: counters and secrets always, keys/objects where they differ."""
-    initial_keys = {slot: _key_pem(k) for slot, k in initial.keys.items()}
+    initial_keys = {slot: key_pem(k).decode() for slot, k in initial.keys.items()}
     keys: dict[str, str | None] = {}
     for slot, key in state.keys.items():
-        pem = _key_pem(key)
+        pem = key_pem(key).decode()
         if initial_keys.get(slot) != pem:
             keys[f"{slot:02x}"] = pem
     for slot in initial.keys.keys() - state.keys.keys():
@@ -427,7 +433,10 @@ def state_to_json(state: PivState, initial: PivState, source: str) -> dict[str, 
 
 
 def state_from_json(data: Any, initial: PivState) -> PivState:
-    """Apply a saved form to the initial state.  KeyError/ValueError/TypeError if bad."""
+    """Apply a saved form to the initial state.
+
+    KeyError/ValueError/TypeError (or ConfigError for an unsupported key) if bad.
+    """
     if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
         raise ValueError("not a ccidemu PIV state (format 1)")
     state = replace(initial, keys=dict(initial.keys), objects=dict(initial.objects))
@@ -438,15 +447,13 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
         if not isinstance(value, int) or not 0 <= value <= 15:
             raise ValueError(f"{name} {value!r} out of range")
         setattr(state, name, value)
-    for value in (state.pin, state.puk):
-        if not PIN_MIN_LENGTH <= len(value) <= PIN_MAX_LENGTH or b"\xff" in value:
-            raise ValueError("PIN/PUK must be 6 to 8 bytes")
+    if not valid_reference(state.pin) or not valid_reference(state.puk):
+        raise ValueError("PIN/PUK must be 6 to 8 bytes")
     if state.pin_left > state.pin_retries or state.puk_left > state.puk_retries:
         raise ValueError("more tries left than the maximum")
     state.management_key = bytes.fromhex(data["management_key"])
     state.management_algorithm = Algorithm(data["management_algorithm"])
-    lengths = {a: n for a, n in MANAGEMENT_ALGORITHMS.values()}
-    if lengths.get(state.management_algorithm) != len(state.management_key):
+    if MANAGEMENT_KEY_LENGTHS.get(state.management_algorithm) != len(state.management_key):
         raise ValueError("management key length does not fit its algorithm")
     for slot_text, pem in dict(data["keys"]).items():
         slot = int(slot_text, 16)
@@ -456,10 +463,7 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
             state.keys.pop(slot, None)
             continue
         key = serialization.load_pem_private_key(pem.encode(), None)
-        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-            raise ValueError(f"slot {slot_text}: unsupported key")
-        key_algorithm(key)
-        state.keys[slot] = key
+        state.keys[slot] = _check_key_type(key, "saved key", slot_text)
     for tag_text, value in dict(data["objects"]).items():
         tag = int(tag_text, 16)
         if value is None:
@@ -513,7 +517,7 @@ class StateStore:
         except OSError as exc:
             raise ConfigError(f"cannot read PIV card state {self.path}: {exc}") from None
         except (ValueError, KeyError, TypeError, AttributeError,
-                UnsupportedAlgorithmError) as exc:
+                UnsupportedAlgorithmError, ConfigError) as exc:
             raise ConfigError(f"PIV card state {self.path} is corrupt ({exc}); "
                               "delete it to start from the card files") from None
         log.info("PIV card state loaded from %s", self.path)
@@ -524,9 +528,7 @@ class StateStore:
             return
         payload = json.dumps(state_to_json(state, self._initial, self._source), indent=1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, payload.encode() + b"\n")
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)
+        write_atomically(self.path, payload.encode() + b"\n")  # mkstemp: mode 0600
         log.debug("PIV card state saved to %s", self.path)
 
 
