@@ -35,6 +35,8 @@ class StatusWordError(CcidemuError):
     """A card applet refuses a command; ``sw`` is the ISO 7816-4 status word to return."""
 
     def __init__(self, sw: int, message: str = "") -> None:
+        if not 0 <= sw <= 0xFFFF:  # a bug in the applet, not a status word to send
+            raise ValueError(f"status word {sw:#x} does not fit in SW1 SW2")
         super().__init__(message or f"status word {sw:04X}")
         self.sw = sw
 

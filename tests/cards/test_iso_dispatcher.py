@@ -31,9 +31,13 @@ def _crash(cmd: CommandApdu) -> bytes:
     raise ZeroDivisionError("bug")
 
 
+def _bad_sw(cmd: CommandApdu) -> bytes:
+    raise StatusWordError(0x19000)
+
+
 def _make() -> IsoDispatcher:
     return IsoDispatcher(
-        {0xE0: _echo, 0xE2: _big, 0xE4: _refuse, 0xE6: _crash},
+        {0xE0: _echo, 0xE2: _big, 0xE4: _refuse, 0xE6: _crash, 0xE8: _bad_sw},
         chaining=(0xE0,),
     )
 
@@ -68,6 +72,11 @@ def test_exception_becomes_6f00_and_is_logged(caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.ERROR):
         assert _make().process(bytes.fromhex("00e60000")) == b"\x6f\x00"
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_out_of_range_status_word_from_an_applet_is_6f00() -> None:
+    """A handler bug (a 'status word' over 16 bits) never escapes the card as an exception."""
+    assert _make().process(bytes.fromhex("00e80000")) == b"\x6f\x00"
 
 
 def _collect(dispatcher: IsoDispatcher, first: bytes, le: int = 0) -> tuple[bytes, int]:
