@@ -524,6 +524,9 @@ def test_signing_fast_path_matches_the_general_template(
     value = _signature_value(fast)
     assert value is not None and _signature_value(slow) is not None
     assert fast == ber_encode(0x7C, ber_encode(0x82, value))
+    if slot == 0x9B:  # internal authenticate with the 3DES management key: deterministic
+        assert fast == slow and len(value) == 8
+        return
     public = cert(f"{slot:02x}").public_key()
     if isinstance(public, rsa.RSAPublicKey):
         assert fast == slow
