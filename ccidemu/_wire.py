@@ -38,8 +38,6 @@ def parse(fmt: construct.Construct, data: bytes, what: str) -> Any:
     """Parse ``data`` with ``fmt``; any failure is a DecodeError naming ``what``."""
     try:
         return fmt.parse(data)
-    except DecodeError:
-        raise
     except _PARSE_ERRORS as exc:
         raise DecodeError(f"malformed {what}: {exc}") from None
 
@@ -48,8 +46,6 @@ def build(fmt: construct.Construct, value: Any, what: str) -> bytes:
     """Build ``value`` with ``fmt``; any failure is an EncodeError naming ``what``."""
     try:
         out: bytes = fmt.build(value)
-    except EncodeError:
-        raise
     except _PARSE_ERRORS as exc:
         raise EncodeError(f"cannot encode {what}: {exc}") from None
     return out

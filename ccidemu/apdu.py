@@ -32,7 +32,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
-from ccidemu._wire import DEFAULT_MAX_LENGTH
 from ccidemu.errors import DecodeError, EncodeError
 from ccidemu.sw import SW, sw_meaning
 
@@ -118,6 +117,15 @@ _INS_TEXT: dict[int, str] = {
 def ins_name(ins: int) -> str:
     """The name of an interindustry instruction, or ``"INS xx"`` when unknown."""
     return _INS_TEXT.get(ins, f"INS {ins:02X}")
+
+
+def ins_label(cla: int, ins: int) -> str:
+    """``ins`` named under class ``cla``: ISO's name when CLA b8 = 0, else proprietary.
+
+    CLA b8 = 1 is a proprietary class (ISO/IEC 7816-4:2013 section 5.1.1) whose INS codes
+    are its own; this includes CLA FF (PC/SC reader pseudo-APDUs).
+    """
+    return ins_name(ins) if cla < 0x80 else f"proprietary INS {ins:02X}"
 
 
 def _check_byte(value: int, what: str) -> None:
@@ -349,8 +357,9 @@ class ChainAssembler:
     and the chain is dropped; too much data raises it with 6700.
     """
 
-    def __init__(self, max_length: int = DEFAULT_MAX_LENGTH) -> None:
-        self._max_length = max_length
+    def __init__(self, max_length: int = MAX_EXTENDED_NC) -> None:
+        # A joined command holds at most MAX_EXTENDED_NC data bytes, whatever the cap.
+        self._max_length = min(max_length, MAX_EXTENDED_NC)
         self._first: CommandApdu | None = None
         self._parts: list[bytes] = []
         self._size = 0
@@ -396,7 +405,8 @@ class ChainAssembler:
             return None
         data = b"".join(self._parts)
         self.reset()
-        return CommandApdu(cmd.cla, cmd.ins, cmd.p1, cmd.p2, data, cmd.ne)
+        # Keep the extended length form of the chain (short links leave the choice open).
+        return CommandApdu(cmd.cla, cmd.ins, cmd.p1, cmd.p2, data, cmd.ne, cmd.extended or None)
 
     def _check_size(self) -> None:
         if self._size > self._max_length:
@@ -443,10 +453,8 @@ def reissue_with_le(cmd: CommandApdu, sw2: int) -> CommandApdu:
 
 def describe_command(cmd: CommandApdu) -> str:
     """E.g. ``SELECT (00 A4 04 00) case 4S Nc=7 Ne=256 data=A0000000031010``."""
-    # CLA b8 = 1: a proprietary class (section 5.1.1), whose INS codes are not ISO's.
-    name = ins_name(cmd.ins) if cmd.cla < 0x80 else f"proprietary INS {cmd.ins:02X}"
     parts = [
-        f"{name} ({cmd.cla:02X} {cmd.ins:02X} {cmd.p1:02X} {cmd.p2:02X})",
+        f"{ins_label(cmd.cla, cmd.ins)} ({cmd.cla:02X} {cmd.ins:02X} {cmd.p1:02X} {cmd.p2:02X})",
         f"case {cmd.case.value}",
     ]
     if cmd.chained:

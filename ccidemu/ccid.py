@@ -644,7 +644,6 @@ _BULK_MESSAGE = construct.Struct(
 # Fast path: bMessageType, dwLength, bSlot, bSeq, then the 3 specific bytes as
 # (u8, u8, u8) or (u8, u16) (bBWI + wLevelParameter in XfrBlock/Secure).
 _HDR_BBB = struct.Struct("<BIBBBBB")
-_LEN = struct.Struct("<I")
 _U32X2 = struct.Struct("<II")
 
 
@@ -756,7 +755,7 @@ _DECODERS: dict[int, _Decoder] = {
 }
 
 
-def _decode_interrupt(data: bytes) -> tuple[CcidMessage, int]:
+def _decode_interrupt(data: bytes | bytearray | memoryview) -> tuple[CcidMessage, int]:
     if data[0] == 0x50:
         if len(data) < 2:
             raise DecodeError("NotifySlotChange without bmSlotICCState")
@@ -771,25 +770,38 @@ def _decode_interrupt(data: bytes) -> tuple[CcidMessage, int]:
     return CcidHardwareError(data[1], data[2], data[3]), 4
 
 
-def _decode_bulk(data: bytes, max_length: int) -> tuple[CcidMessage, int]:
+def _check_direction(message_type: int, direction: CcidDirection) -> None:
+    actual = direction_of(message_type)
+    if actual is not None and actual is not direction:
+        raise DecodeError(
+            f"message type {message_type:02X} is {actual.value}, expected {direction.value}"
+        )
+
+
+def _decode_bulk(data: bytes | bytearray | memoryview, max_length: int) -> tuple[CcidMessage, int]:
     if len(data) < HEADER_LENGTH:
         raise DecodeError(f"CCID header needs {HEADER_LENGTH} bytes, got {len(data)}")
-    message_type, length, slot, seq, a, b, c = _HDR_BBB.unpack_from(data)
-    check_length(length, max_length, "CCID dwLength")
-    end = HEADER_LENGTH + length
+    header = _HDR_BBB.unpack_from(data)
+    check_length(header[1], max_length, "CCID dwLength")
+    end = HEADER_LENGTH + header[1]
     if len(data) < end:
         raise DecodeError(f"CCID message needs {end} bytes, got {len(data)}")
-    payload = bytes(data[HEADER_LENGTH:end])
+    return _bulk_message(header, bytes(data[HEADER_LENGTH:end])), end
+
+
+def _bulk_message(header: tuple[int, ...], payload: bytes) -> CcidMessage:
+    """The message of an unpacked ``_HDR_BBB`` header and its ``dwLength`` data bytes."""
+    message_type, _, slot, seq, a, b, c = header
     decoder = _DECODERS.get(message_type)
     if decoder is None:
         if message_type in (0x50, 0x51):
             raise DecodeError(f"interrupt message {message_type:02X} on a bulk pipe")
-        return CcidUnknown(slot, seq, message_type, bytes((a, b, c)), payload), end
-    return decoder(slot, seq, a, b, c, payload), end
+        return CcidUnknown(slot, seq, message_type, bytes((a, b, c)), payload)
+    return decoder(slot, seq, a, b, c, payload)
 
 
 def decode_ccid(
-    data: bytes,
+    data: bytes | bytearray | memoryview,
     max_length: int = DEFAULT_MAX_LENGTH,
     *,
     direction: CcidDirection | None = None,
@@ -805,11 +817,7 @@ def decode_ccid(
         raise DecodeError("empty CCID message")
     message_type = data[0]
     if direction is not None:
-        actual = direction_of(message_type)
-        if actual is not None and actual is not direction:
-            raise DecodeError(
-                f"message type {message_type:02X} is {actual.value}, expected {direction.value}"
-            )
+        _check_direction(message_type, direction)
     if message_type in (0x50, 0x51):
         return _decode_interrupt(data)
     return _decode_bulk(data, max_length)
@@ -902,27 +910,30 @@ def encode_ccid(msg: CcidMessage) -> bytes:
 class CcidStream(FrameStream[CcidMessage]):
     """CCID framing for one bulk pipe (either direction).  No I/O here: feed bytes to
     :meth:`receive_data`, drain :meth:`next_event` until None.  A ``dwLength`` above
-    ``max_length`` is an error as soon as the header arrives; errors follow the contract of
+    ``max_length`` is an error as soon as the header arrives, and so is a message of the
+    other direction when ``direction`` is given; errors follow the contract of
     :class:`ccidemu._wire.FrameStream`."""
 
     what = "CCID stream"
 
-    @property
-    def pending(self) -> int:
-        """Bytes received but not yet part of a whole message (same as ``buffered``)."""
-        return len(self._buffer)
+    def __init__(
+        self, max_length: int = DEFAULT_MAX_LENGTH, direction: CcidDirection | None = None
+    ) -> None:
+        super().__init__(max_length)
+        self.direction = direction
 
     def _cut(self, buf: bytearray, events: deque[CcidMessage]) -> int:
         start = 0
         size = len(buf)
         while size - start >= HEADER_LENGTH:
-            (length,) = _LEN.unpack_from(buf, start + 1)
-            check_length(length, self.max_length, "CCID dwLength")
-            end = start + HEADER_LENGTH + length
+            header = _HDR_BBB.unpack_from(buf, start)
+            if self.direction is not None:
+                _check_direction(header[0], self.direction)
+            check_length(header[1], self.max_length, "CCID dwLength")
+            end = start + HEADER_LENGTH + header[1]
             if end > size:
                 break
-            msg, _ = _decode_bulk(bytes(buf[start:end]), self.max_length)
-            events.append(msg)
+            events.append(_bulk_message(header, bytes(buf[start + HEADER_LENGTH : end])))
             start = end
         return start
 

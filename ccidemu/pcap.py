@@ -44,6 +44,7 @@ from ccidemu.ccid import (
     CcidDirection,
     CcidMessage,
     CcidNotifySlotChange,
+    CcidStream,
     CcidXfrBlock,
     CommandStatus,
     decode_ccid,
@@ -242,7 +243,9 @@ def ccid_records(
     Undecodable data is logged and skipped.
     """
     records: list[CcidRecord] = []
-    buffers = {CcidDirection.PC_TO_RDR: bytearray(), CcidDirection.RDR_TO_PC: bytearray()}
+    # One stream per bulk pipe; a fresh one after bad data (drop it and go on).
+    streams = {d: CcidStream(max_length, d) for d in (CcidDirection.PC_TO_RDR,
+                                                      CcidDirection.RDR_TO_PC)}
     for packet in iter_usb_packets(source, max_length):
         if device is not None and packet.device != device:
             continue
@@ -269,32 +272,22 @@ def ccid_records(
             if packet.urb_type != "S":
                 continue
             direction = CcidDirection.PC_TO_RDR
-        buffer = buffers[direction]
+        stream = streams[direction]
         if packet.truncated:
-            cut = _decode_truncated(packet.data, direction) if not buffer else None
-            buffer.clear()
+            cut = _decode_truncated(packet.data, direction) if not stream.buffered else None
+            streams[direction] = CcidStream(max_length, direction)
             if cut is None:
                 log.debug("skipping truncated bulk transfer at %.6f", packet.timestamp)
             else:
                 records.append(CcidRecord(packet.timestamp, direction, cut, True))
             continue
-        buffer += packet.data
-        while len(buffer) >= 10:
-            length = int.from_bytes(buffer[1:5], "little")
-            if length > max_length:
-                log.debug("dropping bulk data with dwLength %d", length)
-                buffer.clear()
-                break
-            if len(buffer) < 10 + length:
-                break
-            try:
-                msg, used = decode_ccid(bytes(buffer), max_length, direction=direction)
-            except DecodeError as exc:
-                log.debug("dropping undecodable bulk data: %s", exc)
-                buffer.clear()
-                break
-            del buffer[:used]
-            records.append(CcidRecord(packet.timestamp, direction, msg))
+        stream.receive_data(packet.data)
+        try:
+            while (event := stream.next_event()) is not None:
+                records.append(CcidRecord(packet.timestamp, direction, event))
+        except DecodeError as exc:
+            log.debug("dropping undecodable bulk data: %s", exc)
+            streams[direction] = CcidStream(max_length, direction)
     return records
 
 
@@ -307,7 +300,6 @@ def ccid_exchanges(
     time-extension request (CCID section 6.2.6); None when the capture has none.
     """
     exchanges: list[CcidExchange] = []
-    responses: dict[int, CcidRecord] = {}
     waiting: dict[tuple[int, int], int] = {}
     for record in ccid_records(source, device, max_length):
         msg = record.message
@@ -322,8 +314,5 @@ def ccid_exchanges(
                 continue
             index = waiting.pop((msg.slot, msg.seq), None)
             if index is not None:
-                responses[index] = record
-    return [
-        CcidExchange(ex.command, responses.get(i)) if i in responses else ex
-        for i, ex in enumerate(exchanges)
-    ]
+                exchanges[index] = CcidExchange(exchanges[index].command, record)
+    return exchanges

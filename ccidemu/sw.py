@@ -2,8 +2,8 @@
 
 Spec: ISO/IEC 7816-4:2013 section 5.6, tables 5 (SW1 SW2 groups) and 6 (the
 individual codes).  ``61xx``, ``6Cxx`` and ``63Cx`` carry a number in the low
-bits; :func:`bytes_available`, :func:`retries_left` and :func:`sw_meaning`
-decode them.  Unknown status words stay plain ints.
+bits; :func:`bytes_available`, :func:`exact_length` and :func:`retries_left`
+decode them, and :func:`sw_meaning` reads them out.  Unknown status words stay plain ints.
 """
 
 from __future__ import annotations
@@ -171,15 +171,13 @@ def is_success(sw: int) -> bool:
 
 def sw_meaning(sw: int) -> str:
     """A one-line human reading of a status word (ISO/IEC 7816-4:2013 tables 5 and 6)."""
-    _check(sw)
-    sw1, sw2 = sw >> 8, sw & 0xFF
-    if sw1 == 0x61:
-        return f"success, {sw2 or 256} bytes still available (GET RESPONSE)"
-    if sw1 == 0x6C:
-        return f"wrong Le field, exact length is {sw2 or 256}"
-    if sw & 0xFFF0 == 0x63C0:
-        n = sw & 0x0F
+    if (n := bytes_available(sw)) is not None:
+        return f"success, {n} bytes still available (GET RESPONSE)"
+    if (n := exact_length(sw)) is not None:
+        return f"wrong Le field, exact length is {n}"
+    if (n := retries_left(sw)) is not None:
         return f"verification failed, {n} {'try' if n == 1 else 'tries'} left"
+    sw1, sw2 = sw >> 8, sw & 0xFF
     known = _MEANINGS.get(sw)
     if known is not None:
         return known

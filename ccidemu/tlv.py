@@ -248,8 +248,8 @@ def describe_tlv(data: bytes, indent: str = "  ") -> str:
     """
     lines: list[str] = []
 
-    def walk(chunk: bytes, depth: int) -> None:
-        for tlv in ber_iter(chunk):
+    def walk(tlvs: Iterable[Tlv], depth: int) -> None:
+        for tlv in tlvs:
             pad = indent * depth
             if tlv.constructed:
                 try:
@@ -258,9 +258,9 @@ def describe_tlv(data: bytes, indent: str = "  ") -> str:
                     kids = None
                 if kids is not None:
                     lines.append(f"{pad}{tlv.tag:X} ({len(tlv.value)} bytes, constructed)")
-                    walk(tlv.value, depth + 1)
+                    walk(kids, depth + 1)
                     continue
             lines.append(f"{pad}{tlv.tag:X} ({len(tlv.value)} bytes): {tlv.value.hex().upper()}")
 
-    walk(data, 0)
+    walk(ber_iter(data), 0)
     return "\n".join(lines)

@@ -31,7 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ccidemu.apdu import ins_label
 from ccidemu.errors import ConfigError
+from ccidemu.sw import sw_meaning
 
 __all__ = [
     "SECRET_INS",
@@ -45,7 +47,7 @@ __all__ = [
     "redact_command",
 ]
 
-#: Log level below DEBUG for raw frame dumps (``-vvv``); same value as ``vmc.cli.TRAFFIC``.
+#: Log level below DEBUG for raw frame dumps (``-vvv``; ``vmc.cli`` names it TRAFFIC).
 TRAFFIC = 5
 
 #: Instructions whose command data field holds secrets: VERIFY, CHANGE REFERENCE DATA,
@@ -66,8 +68,8 @@ def redact_command(command: bytes) -> tuple[bytes, bool]:
     """
     if not is_secret_command(command) or len(command) <= 5:
         return command, False
-    if command[4] == 0 and len(command) > 7:
-        return command[:7], True
+    if command[4] == 0 and len(command) >= 7:  # 00 Lc1 Lc2 data..., or case 2E: 00 Le1 Le2
+        return command[:7], len(command) > 7
     return command[:5], True
 
 
@@ -210,16 +212,8 @@ def _read_lines(lines: Iterable[str], name: str) -> Iterator[TraceRecord]:
 
 def describe_exchange(command: bytes, response: bytes, *, secrets: bool = False) -> str:
     """One log line for an APDU exchange: INS name, command (redacted), SW meaning."""
-    from ccidemu.apdu import ins_name
-    from ccidemu.sw import sw_meaning
-
     shown, redacted = (command, False) if secrets else redact_command(command)
-    if len(command) < 2:
-        ins = "short command"
-    elif command[0] & 0x80 and command[0] != 0xFF:  # proprietary class: INS codes are its own
-        ins = f"proprietary INS {command[1]:02X}"
-    else:
-        ins = ins_name(command[1])
+    ins = ins_label(command[0], command[1]) if len(command) >= 2 else "short command"
     text = f"{ins}: {shown.hex().upper()}{' [data redacted]' if redacted else ''} -> "
     if len(response) >= 2:
         sw = int.from_bytes(response[-2:], "big")

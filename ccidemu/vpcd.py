@@ -46,11 +46,11 @@ from construct import GreedyBytes, Int16ub, Prefixed
 from ccidemu._wire import FrameStream, build, check_length
 from ccidemu.card import Card
 from ccidemu.errors import DecodeError, EncodeError
+from ccidemu.sw import SW, sw_bytes
 
 __all__ = [
     "LENGTH_SIZE",
     "MAX_PAYLOAD",
-    "SW_NO_DIAGNOSIS",
     "GetAtr",
     "PowerOff",
     "PowerOn",
@@ -71,8 +71,6 @@ log = logging.getLogger(__name__)
 LENGTH_SIZE = 2
 #: The largest payload the 16-bit length can carry.
 MAX_PAYLOAD = 0xFFFF
-#: ISO/IEC 7816-4 section 5.6: 6F00, no precise diagnosis.
-SW_NO_DIAGNOSIS = b"\x6f\x00"
 
 # vpcd.c: one frame = u16 big-endian length + payload.
 _FRAME = Prefixed(Int16ub, GreedyBytes)
@@ -251,14 +249,14 @@ class VpcdCardSlot:
                 self._power_on()
             except Exception:
                 log.exception("card %s failed to power on", self.card.name)
-                return SW_NO_DIAGNOSIS
+                return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
         try:
             rapdu = bytes(self.card.transmit(apdu))
         except Exception:  # CardError or a bug in a card: answer 6F00, keep the bridge up
             log.exception("card %s failed on APDU %s", self.card.name, apdu[:4].hex().upper())
-            return SW_NO_DIAGNOSIS
+            return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
         if not 2 <= len(rapdu) <= MAX_PAYLOAD:
             log.error("card %s answered %d bytes, not a response APDU vpcd can carry",
                       self.card.name, len(rapdu))
-            return SW_NO_DIAGNOSIS
+            return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
         return rapdu

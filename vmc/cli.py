@@ -10,12 +10,11 @@ from collections.abc import Callable, Sequence
 
 from ccidemu import __version__
 from ccidemu.errors import CcidemuError
+from ccidemu.trace import TRAFFIC
 from vmc.commands import COMMANDS
 
 log = logging.getLogger("ccidemu")
 
-#: A level below DEBUG for APDU and frame dumps (``-vv``).
-TRAFFIC = 5
 logging.addLevelName(TRAFFIC, "TRAFFIC")
 
 

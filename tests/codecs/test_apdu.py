@@ -192,6 +192,31 @@ def test_chain_assembler_cap() -> None:
     assert info.value.sw == 0x6700
 
 
+def test_chain_cap_is_the_largest_extended_nc() -> None:
+    # 300 x 255 + 1 bytes cannot make one command: 6700, not an EncodeError
+    links = split_chain(CommandApdu(0, 0xDB, 0x3F, 0xFF, bytes(65535)))
+    too_long = [CommandApdu(0x10, 0xDB, 0x3F, 0xFF, bytes(255))] * 300
+    with pytest.raises(ChainError) as info:
+        join_chain([*too_long, CommandApdu(0, 0xDB, 0x3F, 0xFF, b"x")])
+    assert info.value.sw == 0x6700
+    assert join_chain(links).nc == 65535
+    asm = ChainAssembler(max_length=1 << 20)
+    assert asm.feed(CommandApdu(0x10, 0xDB, 0, 0, bytes(65535))) is None
+    with pytest.raises(ChainError):
+        asm.feed(CommandApdu(0, 0xDB, 0, 0, b"x"))
+
+
+def test_chain_keeps_the_extended_form() -> None:
+    # a chain of extended links asks for an extended answer (Ne absent = 65536)
+    links = [parse_command(H("10DB3FFF0000026162")), parse_command(H("00DB3FFF0000026364"))]
+    joined = join_chain(links)
+    assert joined.extended is True and joined.data == b"abcd"
+    short = join_chain([parse_command(H("10DB3FFF026162")), parse_command(H("00DB3FFF0163"))])
+    assert short.extended is None  # short links leave the form open, as before
+    big = join_chain(split_chain(CommandApdu(0, 0xDB, 0, 0, bytes(300), ne=256)))
+    assert big.extended is None and big.is_extended  # no EncodeError from extended=False
+
+
 def test_join_chain_errors() -> None:
     with pytest.raises(ChainError):
         join_chain([CommandApdu(0x10, 0xDB, 0, 0, b"a")])

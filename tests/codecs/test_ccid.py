@@ -58,8 +58,7 @@ OK = SlotStatus(IccStatus.PRESENT_ACTIVE, CommandStatus.PROCESSED, 0)
 MUTE = SlotStatus(IccStatus.ABSENT, CommandStatus.FAILED, CcidError.ICC_MUTE)
 
 
-def h(text: str) -> bytes:
-    return bytes.fromhex(text.replace(" ", ""))
+h = bytes.fromhex
 
 
 # (message, wire bytes): header = type | dwLength LE | slot | seq | 3 specific bytes
@@ -366,7 +365,7 @@ def test_stream_chunking_invariance(msgs: list[CcidMessage], draw: st.DataObject
         while (event := stream.next_event()) is not None:
             out.append(event)
     assert out == msgs
-    assert stream.pending == 0
+    assert stream.buffered == 0
 
 
 @settings(max_examples=200)

@@ -25,9 +25,7 @@ from ccidemu.ccid import (
 from ccidemu.errors import DecodeError
 from ccidemu.pcap import TransferType, ccid_exchanges, ccid_records, iter_usb_packets
 
-
-def h(text: str) -> bytes:
-    return bytes.fromhex(text.replace(" ", ""))
+h = bytes.fromhex
 
 
 def usbmon(
@@ -157,6 +155,21 @@ def test_message_split_over_transfers_and_time_extension() -> None:
     ])
     (ex,) = ccid_exchanges(file)
     assert ex.response is not None and ex.response.message == ANSWER
+
+
+def test_bad_bulk_data_is_dropped_and_decoding_goes_on() -> None:
+    over_long = h("6f ffffffff 00 01 000000")
+    transfers = [
+        encode_ccid(ANSWER) + encode_ccid(XFR),  # wrong direction: both dropped
+        encode_ccid(XFR) + over_long + encode_ccid(XFR),  # the first one kept
+        over_long[:4],  # half a header...
+        h("00 00 00 00 00 00") + encode_ccid(XFR),  # ...completed over-long: all dropped
+        h("62 01000000 00 01 00 0000 ff"),  # IccPowerOn with data: dropped
+        encode_ccid(XFR),
+    ]
+    file = pcap([usbmon("S", 3, 0x02, t, ts=(i, 0)) for i, t in enumerate(transfers, 1)])
+    records = ccid_records(file, max_length=4096)
+    assert [(r.timestamp, r.message) for r in records] == [(2.0, XFR), (6.0, XFR)]
 
 
 def test_unanswered_command_and_device_filter() -> None:

@@ -222,7 +222,7 @@ def test_reader_name_invalid_utf8_is_kept() -> None:
     assert msg.raw_name == b"A\xffBC"
     assert msg.name == "A\ufffdBC"
     assert encode_vsc(msg) == wire
-    assert VscReaderAdd(0, "café") == VscReaderAdd(0, "café".encode())  # type: ignore[arg-type]
+    assert VscReaderAdd.with_name(0, "café") == VscReaderAdd(0, "café".encode())
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from ccidemu.ccid import (
     encode_ccid,
 )
 from ccidemu.vsc import VscApdu, VscAtr, VscInit, encode_vsc
+from tests.codecs.test_pcap import pcap, usbmon
 from vmc.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,23 +129,12 @@ def test_tlv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ]
 
 
-def _usbmon(urb_type: str, endpoint: int, data: bytes, ts: int) -> bytes:
-    # LINKTYPE_USB_LINUX_MMAPPED (220): 64-byte usbmon header, little-endian
-    header = struct.pack(
-        "<QBBBBHBBqiiII8s", ts, ord(urb_type), 3, endpoint, 1, 1, ord("-"), 0,
-        ts, 0, 0, len(data), len(data), bytes(8),
-    ) + struct.pack("<iiII", 0, 0, 0, 0)
-    body = header + data
-    return struct.pack("<IIII", ts, 0, len(body), len(body)) + body
-
-
 def test_pcap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     records = [
-        _usbmon("S", 0x02, encode_ccid(CcidXfrBlock(0, 5, H("00CB3FFF055C035FC10500"))), 1),
-        _usbmon("C", 0x81, encode_ccid(CcidDataBlock(0, 5, data=H("6A82"))), 2),
+        usbmon("S", 3, 0x02, encode_ccid(CcidXfrBlock(0, 5, H("00CB3FFF055C035FC10500")))),
+        usbmon("C", 3, 0x81, encode_ccid(CcidDataBlock(0, 5, data=H("6A82"))), ts=(2, 0)),
     ]
-    pcap = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 4160, 220) + b"".join(records)
-    path = write(tmp_path, "c.pcap", pcap)
+    path = write(tmp_path, "c.pcap", pcap(records))
     for argv in (["--as", "pcap", path], [path]):  # explicit and auto-detected
         rc, out, _ = run(capsys, *argv)
         assert rc == 0

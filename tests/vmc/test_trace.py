@@ -29,6 +29,7 @@ REDACTION = [  # ISO/IEC 7816-4 sections 11.5.6/7/10; Lc per ISO/IEC 7816-3 sect
     pytest.param(H("0020008000000431323334"), H("00200080000004"), True, id="verify-extended"),
     pytest.param(H("00200080"), H("00200080"), False, id="verify-retry-query-case1"),
     pytest.param(H("0020008000"), H("0020008000"), False, id="verify-case2"),
+    pytest.param(H("00200080000000"), H("00200080000000"), False, id="verify-case2e"),
     pytest.param(H("00a4040007a0000000031010"), H("00a4040007a0000000031010"), False,
                  id="select-kept"),
     pytest.param(H("ff20000003010203"), H("ff20000003010203"), False, id="cla-ff-not-iso"),
@@ -152,3 +153,5 @@ def test_describe_exchange_names_and_redacts() -> None:
     assert "VERIFY" in text and "3132" not in text and "redacted" in text
     assert "2 tries left" in text
     assert "proprietary INS E0" in describe_exchange(H("80e0000001aa"), H("aa9000"))
+    # one rule with describe_command: CLA FF (PC/SC pseudo-APDU) is not ISO's either
+    assert describe_exchange(H("ffca000000"), H("9000")).startswith("proprietary INS CA:")

@@ -15,13 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from ccidemu.apdu import (
-    CommandApdu,
-    describe_command,
-    describe_response,
-    parse_command,
-    parse_response,
-)
+from ccidemu.apdu import describe_command, describe_response, parse_command, parse_response
 from ccidemu.atr import describe_atr, parse_atr, qemu_accepts
 from ccidemu.ccid import CcidDataBlock, CcidIccPowerOn, CcidXfrBlock, decode_ccid, describe_ccid
 from ccidemu.errors import ConfigError, DecodeError
@@ -120,12 +114,17 @@ def _hex_lines(raw: bytes) -> list[tuple[int, bytes]]:
 Out = Callable[[str], None]
 
 
+def _describe_apdu(data: bytes, *, response: bool) -> str:
+    """One line for a command or response APDU.  DecodeError if it does not parse."""
+    if response:
+        return describe_response(parse_response(data))
+    return describe_command(parse_command(data))
+
+
 def _apdu_lines(label: str, data: bytes, *, response: bool) -> list[str]:
     """Decoding of a command or response APDU, indented; the error text if it does not parse."""
     try:
-        if response:
-            return [f"    {label}: {describe_response(parse_response(data))}"]
-        return [f"    {label}: {describe_command(parse_command(data))}"]
+        return [f"    {label}: {_describe_apdu(data, response=response)}"]
     except DecodeError as exc:
         return [f"    {label}: not a valid APDU: {exc}"]
 
@@ -142,12 +141,13 @@ def _atr_lines(data: bytes) -> list[str]:
 
 
 def _decode_vsc(data: bytes, out: Out, byteorder: Literal["big", "little"]) -> int:
+    view = memoryview(data)  # slices without copying the rest of the input
     pos = 0
     count = 0
     expect_response = False
     while pos < len(data):
         try:
-            msg, used = decode_vsc(data[pos:], byteorder)
+            msg, used = decode_vsc(view[pos:], byteorder)
         except DecodeError as exc:
             raise DecodeError(f"VSCard message #{count + 1}: {exc}", offset=pos) from None
         count += 1
@@ -174,9 +174,10 @@ def _decode_ccid(data: bytes, out: Out) -> int:
     pos = 0
     count = 0
     last_command: dict[int, object] = {}
+    view = memoryview(data)  # slices without copying the rest of the input
     while pos < len(data):
         try:
-            msg, used = decode_ccid(data[pos:])
+            msg, used = decode_ccid(view[pos:])
         except DecodeError as exc:
             raise DecodeError(f"CCID message #{count + 1}: {exc}", offset=pos) from None
         count += 1
@@ -219,11 +220,7 @@ def _decode_per_line(
 ) -> int:
     for number, chunk in lines:
         try:
-            if response:
-                text = describe_response(parse_response(chunk))
-            else:
-                cmd: CommandApdu = parse_command(chunk)
-                text = describe_command(cmd)
+            text = _describe_apdu(chunk, response=response)
         except DecodeError as exc:
             raise DecodeError(f"line {number}: {exc}") from None
         out(f"{chunk.hex().upper()}\n    {text}")
