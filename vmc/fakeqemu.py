@@ -12,7 +12,9 @@ Theory of operation
 from the card side, :meth:`~FakeQemuCore.data_to_send` for bytes to write back.  The guest
 side: :meth:`~FakeQemuCore.send_ccid` with a PC_to_RDR message for a reader, then
 :meth:`~FakeQemuCore.next_ccid` for RDR_to_PC answers (and NotifySlotChange on card
-insertion/removal).  Each reader is one usb-ccid device with one slot (slot 0):
+insertion/removal) in order, or :meth:`~FakeQemuCore.take_answer` for one command's answer
+and :meth:`~FakeQemuCore.take_notifications`; :meth:`~FakeQemuCore.next_seq` numbers the
+guest's commands.  Each reader is one usb-ccid device with one slot (slot 0):
 
 * IccPowerOn is answered from the cached ATR (the card side never sees it); IccPowerOff
   makes the card present-inactive; XfrBlock needs a present-active card (else ICC_MUTE)
@@ -90,7 +92,7 @@ from ccidemu.vsc import (
     VscUnknown,
     describe_vsc,
 )
-from vmc.addr import Address, TcpAddress, UnixAddress, parse_address
+from vmc.addr import Address, TcpAddress, UnixAddress, connect, parse_address
 
 __all__ = [
     "BULK_IN_BUFFER",
@@ -128,6 +130,7 @@ class _Slot:
         default_factory=lambda: T0Parameters(0x77, 0, 0, 0, 0)
     )
     out: deque[CcidMessage] = field(default_factory=deque)
+    seq: int = 0  # the guest's next bSeq (next_seq)
 
     def icc_status(self) -> IccStatus:
         if not self.inserted:
@@ -163,6 +166,8 @@ class FakeQemuCore:
         self._out = bytearray()
         self._slots: dict[int, _Slot] = {} if multi_reader else {0: _Slot(0)}
         self._next_reader = 0
+        #: multi_reader: the messages still owed to the guest by removed readers
+        self._removed: dict[int, deque[CcidMessage]] = {}
         #: every VSC message received from the card side, in order
         self.received: list[VscMessage] = []
         #: every VSC message sent to the card side, in order
@@ -243,7 +248,7 @@ class FakeQemuCore:
                 slot.notify(False)
             slot.pending = None  # QEMU's reset drops the answer owed to the guest
             if self.multi_reader:
-                del self._slots[msg.reader_id]
+                self._removed[msg.reader_id] = self._slots.pop(msg.reader_id).out
             self._reply(msg.reader_id, VscErrorCode.SUCCESS)
         elif isinstance(msg, VscApdu):
             self._answer(slot, msg.data)
@@ -382,15 +387,46 @@ class FakeQemuCore:
             return None  # RDR_to_PC from the guest: nothing sensible to answer
         return CcidSlotStatus(s, q, status)
 
+    def _queue(self, reader_id: int) -> deque[CcidMessage]:
+        """The RDR_to_PC messages owed to the guest by ``reader_id`` (also once removed)."""
+        slot = self._slot_for(reader_id)
+        if slot is not None:
+            return slot.out
+        return self._removed.get(reader_id, deque())
+
     def next_ccid(self, reader_id: int = 0) -> CcidMessage | None:
         """The next RDR_to_PC (or interrupt) message of ``reader_id``'s reader, or None."""
-        slot = self._slot_for(reader_id)
-        if slot is None or not slot.out:
+        queue = self._queue(reader_id)
+        if not queue:
             return None
-        msg = slot.out.popleft()
+        msg = queue.popleft()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("reader %d -> guest: %s", reader_id, describe_ccid(msg))
         return msg
+
+    def next_seq(self, reader_id: int = 0) -> int:
+        """A bSeq for the guest's next command to ``reader_id`` (counts 0..255 and wraps)."""
+        slot = self._require(reader_id)
+        seq = slot.seq
+        slot.seq = (seq + 1) & 0xFF
+        return seq
+
+    def take_answer(self, reader_id: int, seq: int) -> CcidMessage | None:
+        """The answer to ``reader_id``'s command ``seq`` if it came (and forget it), or None."""
+        queue = self._queue(reader_id)
+        for msg in queue:
+            if not isinstance(msg, CcidNotifySlotChange) and msg.seq == seq:
+                queue.remove(msg)
+                return msg
+        return None
+
+    def take_notifications(self, reader_id: int = 0) -> list[CcidNotifySlotChange]:
+        """``reader_id``'s NotifySlotChange messages, oldest first (and forget them)."""
+        queue = self._queue(reader_id)
+        found = [m for m in queue if isinstance(m, CcidNotifySlotChange)]
+        for msg in found:
+            queue.remove(msg)
+        return found
 
 
 # --- blocking adapter ----------------------------------------------------------------------
@@ -420,8 +456,6 @@ class FakeQemu:
         self._cond = threading.Condition()
         self._closed = False
         self.error: BaseException | None = None
-        self._seq: dict[int, int] = {}
-        self._responses: dict[int, deque[CcidMessage]] = {}
         with self._cond:
             core.connected()
             self._flush()
@@ -433,14 +467,7 @@ class FakeQemu:
         cls, addr: str | Address, *, timeout: float = 5.0, multi_reader: bool = False
     ) -> FakeQemu:
         """QEMU as chardev client (``-chardev socket,path=P``): the card side listens."""
-        family, target = _family_and_target(_address(addr))
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(target)
-        except OSError:
-            sock.close()
-            raise
+        sock = connect(_address(addr), timeout)
         sock.settimeout(None)
         return cls(sock, FakeQemuCore("client", multi_reader=multi_reader))
 
@@ -463,11 +490,6 @@ class FakeQemu:
         if data:
             self._sock.sendall(data)
 
-    def _collect(self) -> None:
-        for reader_id in self.core.readers:
-            while (msg := self.core.next_ccid(reader_id)) is not None:
-                self._responses.setdefault(reader_id, deque()).append(msg)
-
     def _run(self) -> None:
         try:
             while True:
@@ -476,7 +498,6 @@ class FakeQemu:
                     break
                 with self._cond:
                     self.core.receive_data(data)
-                    self._collect()
                     self._flush()
                     self._cond.notify_all()
         except (OSError, DecodeError) as exc:
@@ -543,45 +564,28 @@ class FakeQemu:
         """Send one PC_to_RDR message and wait for its RDR_to_PC answer (same seq)."""
         if isinstance(msg, CcidNotifySlotChange):
             raise CardError("not a PC_to_RDR message")
-        seq = msg.seq
-
-        def answer() -> CcidMessage | None:
-            queue = self._responses.get(reader_id, deque())
-            for item in queue:
-                if not isinstance(item, CcidNotifySlotChange) and item.seq == seq:
-                    queue.remove(item)
-                    return item
-            return None
-
         found: list[CcidMessage] = []
 
         def ready() -> bool:
-            item = answer()
-            if item is not None:
-                found.append(item)
+            answer = self.core.take_answer(reader_id, msg.seq)
+            if answer is not None:
+                found.append(answer)
             return bool(found)
 
         with self._cond:
             self.core.send_ccid(msg, reader_id)
-            self._collect()
             self._flush()
-        self._wait(ready, timeout, f"the answer to seq {seq}")
+        self._wait(ready, timeout, f"the answer to seq {msg.seq}")
         return found[0]
 
     def next_seq(self, reader_id: int = 0) -> int:
         with self._cond:
-            seq = self._seq.get(reader_id, 0)
-            self._seq[reader_id] = (seq + 1) & 0xFF
-            return seq
+            return self.core.next_seq(reader_id)
 
     def notifications(self, reader_id: int = 0) -> list[CcidNotifySlotChange]:
         """NotifySlotChange messages not yet read, oldest first (and forget them)."""
         with self._cond:
-            queue = self._responses.get(reader_id, deque())
-            found = [m for m in queue if isinstance(m, CcidNotifySlotChange)]
-            for m in found:
-                queue.remove(m)
-            return found
+            return self.core.take_notifications(reader_id)
 
     def power_on(self, reader_id: int = 0, timeout: float = 5.0) -> bytes:
         """IccPowerOn; the ATR (CardError if the slot answers with an error)."""
@@ -684,8 +688,6 @@ class AsyncFakeQemu:
         self._writer = writer
         self.core = core
         self._changed = asyncio.Condition()
-        self._responses: dict[int, deque[CcidMessage]] = {}
-        self._seq: dict[int, int] = {}
         self._closed = False
         core.connected()
         self._write()
@@ -719,9 +721,6 @@ class AsyncFakeQemu:
         try:
             while data := await self._reader.read(65536):
                 self.core.receive_data(data)
-                for reader_id in self.core.readers:
-                    while (msg := self.core.next_ccid(reader_id)) is not None:
-                        self._responses.setdefault(reader_id, deque()).append(msg)
                 self._write()
                 async with self._changed:
                     self._changed.notify_all()
@@ -754,36 +753,28 @@ class AsyncFakeQemu:
     async def ccid(self, msg: CcidMessage, reader_id: int = 0, timeout: float = 5.0) -> CcidMessage:
         if isinstance(msg, CcidNotifySlotChange):
             raise CardError("not a PC_to_RDR message")
-        seq = msg.seq
         found: list[CcidMessage] = []
 
         def ready() -> bool:
-            queue = self._responses.get(reader_id, deque())
-            for item in queue:
-                if not isinstance(item, CcidNotifySlotChange) and item.seq == seq:
-                    queue.remove(item)
-                    found.append(item)
-                    return True
-            return False
+            answer = self.core.take_answer(reader_id, msg.seq)
+            if answer is not None:
+                found.append(answer)
+            return bool(found)
 
         self.core.send_ccid(msg, reader_id)
-        while (out := self.core.next_ccid(reader_id)) is not None:
-            self._responses.setdefault(reader_id, deque()).append(out)
         self._write()
         await self._writer.drain()
-        await self._wait(ready, timeout, f"the answer to seq {seq}")
+        await self._wait(ready, timeout, f"the answer to seq {msg.seq}")
         return found[0]
 
     async def transmit(self, apdu: bytes, reader_id: int = 0, timeout: float = 5.0) -> bytes:
-        seq = self._seq.get(reader_id, 0)
-        self._seq[reader_id] = (seq + 1) & 0xFF
+        seq = self.core.next_seq(reader_id)
         answer = await self.ccid(CcidXfrBlock(0, seq, bytes(apdu)), reader_id, timeout)
         return _data_or_raise(answer, "XfrBlock")
 
     async def power_on(self, reader_id: int = 0, timeout: float = 5.0) -> bytes:
-        seq = self._seq.get(reader_id, 0)
-        self._seq[reader_id] = (seq + 1) & 0xFF
-        answer = await self.ccid(CcidIccPowerOn(0, seq), reader_id, timeout)
+        answer = await self.ccid(CcidIccPowerOn(0, self.core.next_seq(reader_id)), reader_id,
+                                 timeout)
         return _data_or_raise(answer, "IccPowerOn")
 
     async def close(self) -> None:

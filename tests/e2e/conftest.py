@@ -24,13 +24,10 @@ import pytest
 
 from tests.e2e.daemon import ServeProcess
 from tests.e2e.guest import Guest, GuestImage, build_guest, missing_host_tools
+from tests.support import in_ci
 
 #: Modules with a failed test keep their e2e_dir (as does CCIDEMU_KEEP_E2E=1).
 _FAILED_MODULES: set[str] = set()
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +38,7 @@ def guest_image() -> GuestImage:
             "QEMU end-to-end tests cannot run on this host; missing: " + ", ".join(missing)
             + " (tools/bootstrap.sh installs them)"
         )
-        if _in_ci():
+        if in_ci():
             pytest.fail(reason + " -- CI=true, so this is a failure, not a skip", pytrace=False)
         warnings.warn(reason, stacklevel=1)
         pytest.skip(reason)

@@ -41,8 +41,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccidemu.card import BuiltinTestCard
-
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -614,43 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-_RECEIVED_RE = re.compile(r"^Received \(SW1=0x([0-9a-fA-F]{2}), SW2=0x([0-9a-fA-F]{2})\)")
-_HEX_PAIR_RE = re.compile(r"^[0-9A-Fa-f]{2}$")
-
-
-def opensc_responses(output: str) -> list[bytes]:
-    """The response APDUs (data + SW1 SW2) in the output of ``opensc-tool -s ... -s ...``.
-
-    opensc-tool prints ``Received (SW1=0x90, SW2=0x00):`` and then a hex dump of the data,
-    16 bytes a line followed by an ASCII column.  Keep the data short and make its first
-    ASCII character non-hex (a byte below 0x20, shown as '.') so the columns cannot mix.
-    """
-    responses: list[bytes] = []
-    lines = output.splitlines()
-    for i, line in enumerate(lines):
-        m = _RECEIVED_RE.match(line)
-        if not m:
-            continue
-        data = bytearray()
-        for row in lines[i + 1:]:
-            if row.startswith(("Sending:", "Received")) or not row.strip():
-                break
-            for token in row.split():
-                if not _HEX_PAIR_RE.match(token):
-                    break
-                data.append(int(token, 16))
-        responses.append(bytes(data) + bytes.fromhex(m.group(1) + m.group(2)))
-    return responses
-
-
 # --------------------------------------------------------------------------- test card
 
-#: The built-in test card's ATR as ``opensc-tool -a`` prints it.
-TEST_ATR_TEXT = ":".join(f"{b:02x}" for b in BuiltinTestCard.ATR)
 #: Test card echo command (``80 E0``): answers 01 02 03 90 00.
 ECHO = "80E0000003010203"
 
@@ -663,3 +626,7 @@ def wait_apdus_work(guest: Guest, timeout: float = 20) -> str:
         "{ cat /tmp/o; exit 0; }; i=$((i + 1)); sleep 0.5; done; cat /tmp/o; exit 1"
     )
     return guest.check(script, timeout + 10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

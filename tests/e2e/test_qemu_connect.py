@@ -5,25 +5,23 @@ the module; each test starts its own daemon against the same QEMU).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from ccidemu.trace import TraceRecord, read_trace
 from tests.e2e.daemon import ServeProcess
 from tests.e2e.guest import (
     ECHO,
-    TEST_ATR_TEXT,
     ChardevMode,
     Guest,
     GuestImage,
     boot_guest,
-    opensc_responses,
     wait_apdus_work,
 )
+from tests.support import TEST_ATR_TEXT, opensc_responses
 
 pytestmark = pytest.mark.qemu
 
@@ -47,17 +45,13 @@ def daemon(guest: Guest, e2e_dir: Path, request: pytest.FixtureRequest) -> Itera
         proc.stop()
 
 
-def trace_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def wait_trace(
-    path: Path, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 5
-) -> list[dict[str, Any]]:
+    path: Path, done: Callable[[list[TraceRecord]], bool], timeout: float = 5
+) -> list[TraceRecord]:
     """The trace's records once ``done(records)`` holds (the daemon may write a bit later)."""
     deadline = time.monotonic() + timeout
     while True:
-        records = trace_records(path) if path.exists() else []
+        records = list(read_trace(path)) if path.exists() else []
         if done(records) or time.monotonic() > deadline:
             return records
         time.sleep(0.05)
@@ -66,8 +60,6 @@ def wait_trace(
 def only_session(daemon: ServeProcess) -> int:
     """The id of the one connected session, from ``ccidemu ctl --json list``."""
     listing = daemon.ctl_json("list")
-    if isinstance(listing, dict) and "result" in listing:
-        listing = listing["result"]
     connected = [s for s in listing if s.get("connected")]
     assert len(connected) == 1, f"expected one connected session: {listing}"
     return int(connected[0]["session"])
@@ -89,11 +81,11 @@ def test_atr_and_apdus_reach_the_test_card(guest: Guest, daemon: ServeProcess) -
     # guest sent (including OpenSC's own probing) reached this card, one trace line each.
     assert daemon.trace is not None
     records = wait_trace(daemon.trace, lambda rs: len(rs) >= first + 1)
-    commands = [r["command"].upper() for r in records]
-    assert "80E4000004" in commands
-    assert commands.index("80E4000004") + 1 == first
-    assert records[commands.index("80E4000004") + 1]["response"].upper() == (
-        f"{second:08X}9000"
+    commands = [r.command for r in records]
+    assert bytes.fromhex("80E4000004") in commands
+    assert commands.index(bytes.fromhex("80E4000004")) + 1 == first
+    assert records[commands.index(bytes.fromhex("80E4000004")) + 1].response == (
+        second.to_bytes(4, "big") + b"\x90\x00"
     )
     records = wait_trace(daemon.trace, lambda rs: len(rs) >= first + 2)  # + counter, 80CA
     stats = daemon.ctl_json("stats")

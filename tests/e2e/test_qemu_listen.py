@@ -13,14 +13,13 @@ import pytest
 from tests.e2e.daemon import ServeProcess
 from tests.e2e.guest import (
     ECHO,
-    TEST_ATR_TEXT,
     ChardevMode,
     Guest,
     GuestImage,
     boot_guest,
-    opensc_responses,
     wait_apdus_work,
 )
+from tests.support import TEST_ATR_TEXT, opensc_responses
 
 pytestmark = pytest.mark.qemu
 

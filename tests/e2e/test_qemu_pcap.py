@@ -6,15 +6,16 @@ order, and every DataBlock it got back is the card's answer, byte for byte.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ccidemu.pcap import ccid_exchanges
+from ccidemu.trace import read_trace
 from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import ECHO, ChardevMode, Guest, GuestImage, boot_guest, opensc_responses
+from tests.e2e.guest import ECHO, ChardevMode, Guest, GuestImage, boot_guest
+from tests.support import opensc_responses
 
 pytestmark = pytest.mark.qemu
 
@@ -48,10 +49,7 @@ def test_pcap_exchanges_equal_the_daemon_trace(pcap_env: tuple[Guest, ServeProce
     assert daemon.stop() == 0, daemon.log_tail()
     assert guest.pcap is not None and daemon.trace is not None
 
-    traced = [
-        (bytes.fromhex(r["command"]), bytes.fromhex(r["response"]))
-        for r in map(json.loads, daemon.trace.read_text().splitlines())
-    ]
+    traced = [(r.command, r.response) for r in read_trace(daemon.trace)]
     exchanges = ccid_exchanges(guest.pcap)
     assert not [ex for ex in exchanges if ex.truncated]
     captured = [(ex.apdu, ex.response_data) for ex in exchanges if ex.apdu is not None]

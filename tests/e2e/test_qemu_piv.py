@@ -25,21 +25,8 @@ PKCS11 = "pkcs11-tool --module /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
 DATA = b"signed in a QEMU guest through ccidemu\n"
 
 
-def _piv_missing() -> str | None:
-    try:
-        from ccidemu.cards import open_card
-
-        open_card("piv:")
-    except Exception as exc:
-        return f"the PIV card (open_card('piv:'), ccidemu/cards/piv_files.py) is not usable: {exc}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def piv_env(guest_image: GuestImage, e2e_dir: Path) -> Iterator[tuple[Guest, ServeProcess]]:
-    reason = _piv_missing()
-    if reason:
-        pytest.skip(reason)
     with boot_guest(guest_image, e2e_dir, ChardevMode.QEMU_SERVER) as guest:
         daemon = ServeProcess(
             e2e_dir / "serve", guest.vsc_socket, ChardevMode.QEMU_SERVER, cards=["piv:"],

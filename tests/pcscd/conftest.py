@@ -21,15 +21,17 @@ def pcscd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscdHar
         harness.stop_pcscd()
 
 
+def _ensure_pcscd(harness: PcscdHarness) -> None:
+    """Restart pcscd if a test stopped it or it died."""
+    if harness.proc is None or harness.proc.poll() is not None:
+        harness.restart_pcscd()
+
+
 @pytest.fixture
-def pcscd(pcscd_session: PcscdHarness, request: pytest.FixtureRequest) -> Iterator[PcscdHarness]:
+def pcscd(pcscd_session: PcscdHarness) -> Iterator[PcscdHarness]:
     """The session's pcscd, running, with no bridge; the bridge is stopped afterwards."""
     harness = pcscd_session
-    if harness.proc is None or harness.proc.poll() is not None:
-        harness.proc = None
-        harness.start_pcscd()
+    _ensure_pcscd(harness)
     yield harness
     harness.stop_bridge()
-    if harness.proc is None or harness.proc.poll() is not None:
-        harness.proc = None
-        harness.start_pcscd()
+    _ensure_pcscd(harness)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import in_ci
+
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 OPENSC_PKCS11 = Path("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")
 READER = "Virtual PCD 00 00"
@@ -43,7 +45,7 @@ def require(tools: Sequence[str] = TOOLS, files: Sequence[Path] = (VPCD_DRIVER, 
         return
     reason = (f"real-client peers missing: {', '.join(missing)} "
               "(run tools/bootstrap.sh: pcscd vsmartcard-vpcd opensc pcsc-tools yubico-piv-tool)")
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(reason, pytrace=False)
     print(f"\n*** SKIPPING pcscd tests: {reason}", file=sys.stderr)
     pytest.skip(reason)

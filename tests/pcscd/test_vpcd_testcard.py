@@ -10,38 +10,26 @@ import time
 import pytest
 
 from ccidemu.card import BuiltinTestCard
-from tests.pcscd.harness import READER, PcscdHarness
+from tests.pcscd.harness import READER, PcscdHarness, require
+from tests.support import TEST_ATR_TEXT, opensc_responses
 from vmc.addr import TcpAddress
 from vmc.vpcd import VpcdBridge
 
 pytestmark = pytest.mark.pcscd
 
-ATR_TEXT = ":".join(f"{b:02x}" for b in BuiltinTestCard.ATR)
-
-
-def _responses(output: str) -> list[tuple[str, str]]:
-    """opensc-tool -s output: (data hex, SW) per APDU."""
-    pairs = []
-    for match in re.finditer(
-        r"Received \(SW1=0x([0-9A-F]{2}), SW2=0x([0-9A-F]{2})\):?\n((?:[0-9A-F]{2} .*\n)*)",
-        output,
-    ):
-        data = "".join(re.findall(r"^((?:[0-9A-F]{2} )+)", match.group(3), re.M))
-        pairs.append((data.replace(" ", ""), match.group(1) + match.group(2)))
-    return pairs
-
+H = bytes.fromhex
 
 def _apdu_count(pcscd: PcscdHarness) -> int:
     out = pcscd.run("opensc-tool", "-r", READER, "-s", "80E4000004").stdout
-    ((data, sw),) = _responses(out)
-    assert sw == "9000"
-    return int(data, 16)
+    (response,) = opensc_responses(out)
+    assert len(response) == 6 and response[-2:] == H("9000"), out
+    return int.from_bytes(response[:-2], "big")
 
 
 def test_atr_through_pcscd(pcscd: PcscdHarness) -> None:
     pcscd.start_bridge("test:")
     out = pcscd.run("opensc-tool", "-r", READER, "-a").stdout
-    assert out.strip() == ATR_TEXT
+    assert out.strip() == TEST_ATR_TEXT
     listing = pcscd.run("opensc-tool", "-l").stdout
     assert re.search(r"Yes\s+Virtual PCD 00 00", listing), listing
     assert re.search(r"No\s+Virtual PCD 00 01", listing), listing
@@ -57,12 +45,12 @@ def test_apdus_through_pcscd(pcscd: PcscdHarness) -> None:
         "-s", "00A4040003A00000",           # SELECT unknown AID
         "-s", "80FF0000",                   # unknown INS
     ).stdout
-    assert _responses(out) == [
-        ("616263", "9000"),
-        (bytes(range(16)).hex().upper(), "9000"),
-        ("", "9000"),
-        ("", "6A82"),
-        ("", "6D00"),
+    assert opensc_responses(out) == [
+        H("616263 9000"),
+        bytes(range(16)) + H("9000"),
+        H("9000"),
+        H("6A82"),
+        H("6D00"),
     ], out
     # pcscd --apdu logs what crossed the reader
     assert "APDU: 80 E0 00 00 03 61 62 63" in pcscd.pcscd_log()
@@ -85,7 +73,7 @@ def test_200_apdus_with_scriptor(pcscd: PcscdHarness) -> None:
     print(f"\n200 APDUs through scriptor + pcscd + vpcd: {elapsed * 1000:.0f} ms")
 
 
-def test_bridge_socket_has_nodelay_and_quickack(pcscd: PcscdHarness) -> None:
+def test_bridge_socket_has_nodelay(pcscd: PcscdHarness) -> None:
     """The 40 ms trap: the bridge's socket to vpcd must have TCP_NODELAY set."""
     card = BuiltinTestCard("in-process")
     bridge = VpcdBridge(card, TcpAddress("127.0.0.1", pcscd.port))
@@ -98,7 +86,7 @@ def test_bridge_socket_has_nodelay_and_quickack(pcscd: PcscdHarness) -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         pcscd.wait_card(present=True)
         out = pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AA").stdout
-        assert _responses(out) == [("AA", "9000")]
+        assert opensc_responses(out) == [H("AA 9000")]
         assert card.apdu_count >= 1
     finally:
         bridge.stop()
@@ -110,15 +98,15 @@ def test_bridge_socket_has_nodelay_and_quickack(pcscd: PcscdHarness) -> None:
 
 def test_bridge_restart(pcscd: PcscdHarness) -> None:
     pcscd.start_bridge("test:")
-    assert _responses(pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AB").stdout) == [
-        ("AB", "9000")
-    ]
+    assert opensc_responses(
+        pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AB").stdout
+    ) == [H("AB 9000")]
     assert pcscd.stop_bridge() == 0  # SIGTERM: clean exit
     pcscd.wait_card(present=False)
     pcscd.start_bridge("test:")
-    assert _responses(pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AC").stdout) == [
-        ("AC", "9000")
-    ]
+    assert opensc_responses(
+        pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AC").stdout
+    ) == [H("AC 9000")]
 
 
 def test_pcscd_restart_reconnects_and_keeps_card(pcscd: PcscdHarness) -> None:
@@ -141,11 +129,19 @@ def test_power_off_on_and_reset(pcscd: PcscdHarness) -> None:
     bridge = pcscd.start_bridge("test:")
     pcscd.run("opensc-tool", "-r", READER, "--reset=cold")
     pcscd.run("opensc-tool", "-r", READER, "--reset=warm")
-    assert _responses(pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AD").stdout) == [
-        ("AD", "9000")
-    ]
+    assert opensc_responses(
+        pcscd.run("opensc-tool", "-r", READER, "-s", "80E0000001AD").stdout
+    ) == [H("AD 9000")]
     log = bridge.log()
     # -vv logs each vpcd event the card saw
     assert "vpcd PowerOff" in log, log
     assert "vpcd PowerOn" in log, log
     assert "vpcd Reset" in log, log
+
+
+@pytest.mark.parametrize("value", ["true", "1", "yes"])
+def test_missing_peer_fails_in_ci(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI is detected as tests/e2e detects it (tests.support.in_ci): a missing peer fails."""
+    monkeypatch.setenv("CI", value)
+    with pytest.raises(pytest.fail.Exception, match="real-client peers missing"):
+        require(tools=("ccidemu-no-such-tool",), files=())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +13,11 @@ from tests.vmc.daemon_harness import RunningDaemon
 
 
 @pytest.fixture
-def tmp(tmp_path: Path) -> Iterator[Path]:
+def tmp() -> Iterator[Path]:
     """A short directory for unix sockets (their paths are limited to ~107 bytes)."""
-    short = Path(f"/tmp/ccd-{os.getpid()}-{tmp_path.name[-12:]}")
-    short.mkdir(exist_ok=True)
+    short = Path(tempfile.mkdtemp(prefix="ccd-"))
     yield short
-    for p in short.iterdir():
-        p.unlink()
-    short.rmdir()
+    shutil.rmtree(short)
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from ccidemu.cards import CardOptions, register
 from ccidemu.errors import CardError, ConfigError
 from ccidemu.trace import read_trace
 from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, VscReaderRemove
+from tests.e2e.daemon import ServeProcess
+from tests.e2e.guest import ChardevMode
 from tests.vmc.daemon_harness import RunningDaemon, echo, free_port, serve
 from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.control import ControlError, control_request
@@ -179,10 +181,17 @@ def test_qemu_single_reader_refuses_second_first_still_works(
     tmp: Path, daemons: list[RunningDaemon]
 ) -> None:
     addr = UnixAddress(tmp / "vm.sock")
-    daemons.append(serve(listen=[addr], cards=["test:", "test:"]))
+    ctl = UnixAddress(tmp / "ctl.sock")
+    daemons.append(serve(listen=[addr], cards=["test:one", "test:two"], control=ctl))
     with FakeQemu.connect(addr) as fake:
         fake.wait_card()
         echo(fake, b"x")
+        (session,) = control_request(ctl, {"cmd": "list"})
+        first, second = session["readers"]
+        assert first["card"] == "built-in test card (one)", first
+        assert first["state"] == "added" and first["present"] and first["apdus"] == 1, first
+        assert second["state"] == "refused" and second["reader_id"] is None, second
+        assert not second["inserted"] and second["apdus"] == 0, second
 
 
 # --------------------------------------------------------------------------- --connect
@@ -411,35 +420,24 @@ def test_trace_file_records_and_redaction(
 
 def test_sigterm_removes_cards_and_readers_then_exits_0(tmp: Path) -> None:
     addr = UnixAddress(tmp / "vm.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmc", "serve", "--listen", str(addr), "--card", "test:",
-         "--control", "none"],
-        stderr=subprocess.PIPE, text=True,
-    )
+    daemon = ServeProcess(tmp / "serve", addr.path, ChardevMode.QEMU_CLIENT)  # --listen
+    daemon.start()
     try:
-        deadline = time.monotonic() + 20
-        while not addr.path.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.05)
+        assert daemon.proc is not None
         with FakeQemu.connect(addr) as fake:
             fake.wait_card()
             echo(fake, b"before")
-            proc.send_signal(signal.SIGTERM)
+            daemon.proc.send_signal(signal.SIGTERM)
             fake.wait_closed(timeout=10)
             tail = [m for m in fake.received if not isinstance(m, VscApdu)][-2:]
             assert [type(m) for m in tail] == [VscCardRemove, VscReaderRemove]
-        assert proc.wait(10) == 0
-        log = proc.stderr.read() if proc.stderr else ""
+        assert daemon.proc.wait(10) == 0
+        log = daemon.log_path.read_text()
         assert f"listening on {addr}" in log
         assert "handshake done" in log and "added with id 0" in log
         assert not addr.path.exists()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        daemon.stop()
 
 
 def test_atr_sent_after_reader_added(tmp: Path, daemons: list[RunningDaemon]) -> None:

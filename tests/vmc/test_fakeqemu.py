@@ -46,19 +46,17 @@ from ccidemu.vsc import (
 from vmc.cli import main
 from vmc.fakeqemu import AsyncFakeQemu, FakeQemu, FakeQemuCore
 
-
-def h(text: str) -> bytes:
-    return bytes.fromhex(text.replace(" ", ""))
+H = bytes.fromhex
 
 
-INIT_FROM_QEMU = h("00000001 ffffffff 0000000c 56534344 00000002 00000000")
-OUR_INIT = h("00000001 00000000 0000000c 56534344 00000002 00000000")
-READER_ADD = h("00000003 00000000 0000000f 7673632d746573742d726561646572")
-SUCCESS = h("00000002 00000000 00000004 00000000")
-GENERAL_ERROR = h("00000002 00000000 00000004 00000001")
-ATR = h("3b8f8001804f0ca000000306030001000000006a")
-ATR_MSG = h("00000005 00000000 00000014") + ATR
-SELECT = h("00a4040007a0000000031010")
+INIT_FROM_QEMU = H("00000001 ffffffff 0000000c 56534344 00000002 00000000")
+OUR_INIT = H("00000001 00000000 0000000c 56534344 00000002 00000000")
+READER_ADD = H("00000003 00000000 0000000f 7673632d746573742d726561646572")
+SUCCESS = H("00000002 00000000 00000004 00000000")
+GENERAL_ERROR = H("00000002 00000000 00000004 00000001")
+ATR = H("3b8f8001804f0ca000000306030001000000006a")
+ATR_MSG = H("00000005 00000000 00000014") + ATR
+SELECT = H("00a4040007a0000000031010")
 
 
 def drain(core: FakeQemuCore, reader_id: int = 0) -> list[CcidMessage]:
@@ -93,11 +91,11 @@ def test_protocol_notes_trace_client_mode() -> None:
     assert drain(core) == [CcidNotifySlotChange((SlotState(True, True),) + (SlotState(False),) * 3)]
     # the guest's XfrBlock becomes a VSC APDU on reader 0
     core.send_ccid(CcidXfrBlock(0, 7, SELECT))
-    assert core.data_to_send() == h("00000007 00000000 0000000c") + SELECT
+    assert core.data_to_send() == H("00000007 00000000 0000000c") + SELECT
     assert drain(core) == []
-    core.receive_data(h("00000007 00000000 00000002 9000"))
+    core.receive_data(H("00000007 00000000 00000002 9000"))
     (answer,) = drain(core)
-    assert answer == CcidDataBlock(0, 7, data=h("9000"))
+    assert answer == CcidDataBlock(0, 7, data=H("9000"))
     assert core.data_to_send() == b""
 
 
@@ -121,7 +119,7 @@ def test_split_input_is_handled() -> None:
 @pytest.mark.parametrize(
     "atr",
     [
-        pytest.param(h("3b0a") + b"ccidemu-TC", id="builtin-test-card"),
+        pytest.param(H("3b0a") + b"ccidemu-TC", id="builtin-test-card"),
         pytest.param(ATR, id="protocol-notes"),
     ],
 )
@@ -134,10 +132,10 @@ def test_good_atr(atr: bytes) -> None:
 @pytest.mark.parametrize(
     "atr",
     [
-        pytest.param(h("3a0a") + b"ccidemu-TC", id="bad-TS"),
-        pytest.param(h("3b0f") + bytes(40), id="over-40-bytes"),
-        pytest.param(h("3b"), id="too-short"),
-        pytest.param(h("3b8f80"), id="interface-bytes-missing"),
+        pytest.param(H("3a0a") + b"ccidemu-TC", id="bad-TS"),
+        pytest.param(H("3b0f") + bytes(40), id="over-40-bytes"),
+        pytest.param(H("3b"), id="too-short"),
+        pytest.param(H("3b8f80"), id="interface-bytes-missing"),
     ],
 )
 def test_bad_atr_is_refused(atr: bytes) -> None:
@@ -150,9 +148,9 @@ def test_bad_atr_is_refused(atr: bytes) -> None:
 @pytest.mark.parametrize(
     "wire",
     [
-        pytest.param(h("00000008 00000000 00000000"), id="flush"),
-        pytest.param(h("00000009 00000000 00000000"), id="flush-complete"),
-        pytest.param(h("00000063 00000000 00000001 ff"), id="unknown-type"),
+        pytest.param(H("00000008 00000000 00000000"), id="flush"),
+        pytest.param(H("00000009 00000000 00000000"), id="flush-complete"),
+        pytest.param(H("00000063 00000000 00000001 ff"), id="unknown-type"),
     ],
 )
 def test_general_error_for_flush_and_unknown(wire: bytes) -> None:
@@ -205,7 +203,7 @@ def test_second_command_while_busy() -> None:
     assert isinstance(busy, CcidDataBlock) and busy.seq == 2
     assert busy.status.command_status is CommandStatus.FAILED
     assert busy.status.error is CcidError.CMD_SLOT_BUSY
-    assert core.data_to_send() == h("00000007 00000000 0000000c") + SELECT  # only one APDU
+    assert core.data_to_send() == H("00000007 00000000 0000000c") + SELECT  # only one APDU
 
 
 def test_vsc_error_fails_the_transmit() -> None:
@@ -215,7 +213,7 @@ def test_vsc_error_fails_the_transmit() -> None:
     (answer,) = drain(core)
     assert isinstance(answer, CcidDataBlock) and answer.seq == 4 and answer.data == b""
     assert answer.status.failed
-    assert core.data_to_send() == h("00000007 00000000 0000000c") + SELECT  # no reply to Error
+    assert core.data_to_send() == H("00000007 00000000 0000000c") + SELECT  # no reply to Error
 
 
 def test_oversized_response_is_a_hardware_error() -> None:
@@ -260,17 +258,49 @@ def test_multi_reader_ids() -> None:
     for name in ("a", "b", "c"):
         core.receive_data(encode_vsc(VscReaderAdd.with_name(0, name)))
     assert core.data_to_send() == b"".join(
-        h(f"00000002 0000000{i} 00000004 00000000") for i in range(3)
+        H(f"00000002 0000000{i} 00000004 00000000") for i in range(3)
     )
     assert core.readers == [0, 1, 2]
     core.receive_data(encode_vsc(VscAtr(2, ATR)))
     assert core.card_present(2) and not core.card_present(0)
     core.send_ccid(CcidXfrBlock(0, 1, SELECT), reader_id=2)
     assert core.data_to_send() == (
-        h("00000002 00000002 00000004 00000000") + h("00000007 00000002 0000000c") + SELECT
+        H("00000002 00000002 00000004 00000000") + H("00000007 00000002 0000000c") + SELECT
     )
     core.receive_data(encode_vsc(VscReaderRemove(1)))
     assert core.readers == [0, 2]
+
+
+def test_multi_reader_remove_keeps_the_notification() -> None:
+    """A removed reader's last NotifySlotChange (card out) still reaches the guest."""
+    a, b = socket.socketpair()
+    with FakeQemu.from_socket(a, "server", multi_reader=True) as qemu:
+        b.sendall(encode_vsc(VscReaderAdd.with_name(0, "a")) + encode_vsc(VscAtr(0, ATR))
+                  + encode_vsc(VscReaderRemove(0)))
+        b.close()
+        qemu.wait_closed()
+        assert qemu.core.readers == []
+        inserted, removed = qemu.notifications(0)
+        assert inserted.states[0] == SlotState(present=True, changed=True)
+        assert removed.states[0] == SlotState(present=False, changed=True)
+        assert qemu.notifications(0) == []
+
+
+def test_take_answer_and_notifications() -> None:
+    core = inserted_core()
+    seqs = [core.next_seq() for _ in range(2)]
+    assert seqs == [0, 1]
+    core.send_ccid(CcidGetSlotStatus(0, seqs[0]))
+    core.send_ccid(CcidIccPowerOff(0, seqs[1]))
+    core.receive_data(encode_vsc(VscCardRemove(0)))
+    assert core.take_answer(0, 5) is None
+    off = core.take_answer(0, seqs[1])
+    assert isinstance(off, CcidSlotStatus) and off.seq == 1
+    (removed,) = core.take_notifications()
+    assert removed.states[0] == SlotState(present=False, changed=True)
+    status = core.take_answer(0, seqs[0])
+    assert isinstance(status, CcidSlotStatus) and status.seq == 0
+    assert core.next_ccid() is None
 
 
 # --- adapters against a card-side peer ---------------------------------------------------
@@ -321,9 +351,9 @@ def test_blocking_adapter(pair: tuple[FakeQemu, CardPeer]) -> None:
     qemu, peer = pair
     assert qemu.wait_card(timeout=5) == BuiltinTestCard.ATR
     assert qemu.power_on() == BuiltinTestCard.ATR
-    assert qemu.transmit(h("00a4040008") + BuiltinTestCard.AID) == h("9000")
-    assert qemu.transmit(h("80e0000003 010203")) == h("010203 9000")
-    assert qemu.transmit(h("80e2000000"))[-2:] == h("9000")
+    assert qemu.transmit(H("00a4040008") + BuiltinTestCard.AID) == H("9000")
+    assert qemu.transmit(H("80e0000003 010203")) == H("010203 9000")
+    assert qemu.transmit(H("80e2000000"))[-2:] == H("9000")
     assert qemu.slot_status().icc_status is IccStatus.PRESENT_ACTIVE
     assert qemu.card_present()
     received = qemu.received
@@ -341,10 +371,10 @@ def test_blocking_adapter_power_off_and_failures() -> None:
     with FakeQemu.from_socket(a) as qemu:
         qemu.wait_card()
         with pytest.raises(CardError, match="failed"):
-            qemu.transmit(h("80e4000004"))
+            qemu.transmit(H("80e4000004"))
         qemu.power_off()
         with pytest.raises(CardError, match="ICC_MUTE"):
-            qemu.transmit(h("80e4000004"))
+            qemu.transmit(H("80e4000004"))
     peer.join(timeout=5)
 
 
@@ -358,7 +388,7 @@ def test_listen_and_connect_over_unix_sockets(tmp_path: Path) -> None:
         peer.start()
         with listener.accept(timeout=5) as qemu:
             qemu.wait_card()
-            assert qemu.transmit(h("80e4000004")) == h("00000001 9000")
+            assert qemu.transmit(H("80e4000004")) == H("00000001 9000")
         peer.join(timeout=5)
     assert isinstance(peer.received[0], VscInit)  # the reply to the peer's Init only
     assert sum(isinstance(m, VscInit) for m in peer.received) == 1
@@ -374,7 +404,7 @@ def test_listen_and_connect_over_unix_sockets(tmp_path: Path) -> None:
             peer = CardPeer(conn)
             peer.start()
             qemu.wait_card()
-            assert qemu.transmit(h("80e0000001 aa")) == h("aa 9000")
+            assert qemu.transmit(H("80e0000001 aa")) == H("aa 9000")
         peer.join(timeout=5)
     assert sum(isinstance(m, VscInit) for m in peer.received) == 2  # unsolicited + reply
 
@@ -385,7 +415,7 @@ def test_timeout_when_no_card() -> None:
         with pytest.raises(TimeoutError):
             qemu.wait_card(timeout=0.1)
         with pytest.raises(CardError, match="ICC_MUTE"):
-            qemu.transmit(h("00a4040000"))
+            qemu.transmit(H("00a4040000"))
         b.sendall(encode_vsc(VscFlush(0)))
         b.close()
         qemu.wait_closed()
@@ -411,14 +441,14 @@ def test_async_adapter(tmp_path: Path) -> None:
             sessions = [await AsyncFakeQemu.connect(f"unix:{path}") for _ in range(10)]
             await asyncio.gather(*(s.wait_card() for s in sessions))
             answers = await asyncio.gather(
-                *(s.transmit(h("80e0000001") + bytes([i])) for i, s in enumerate(sessions))
+                *(s.transmit(H("80e0000001") + bytes([i])) for i, s in enumerate(sessions))
             )
             for s in sessions:
                 await s.close()
         return answers
 
     answers = asyncio.run(scenario())
-    assert answers == [bytes([i]) + h("9000") for i in range(10)]
+    assert answers == [bytes([i]) + H("9000") for i in range(10)]
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -450,7 +480,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_bad_slot_and_secure_are_refused() -> None:
     core = inserted_core()
     core.send_ccid(CcidGetSlotStatus(1, 1))  # usb-ccid has slot 0 only
-    core.send_ccid(CcidSecure(0, 2, h("00")))  # QEMU answers Secure with an error
+    core.send_ccid(CcidSecure(0, 2, H("00")))  # QEMU answers Secure with an error
     bad_slot, secure = drain(core)
     assert isinstance(bad_slot, CcidSlotStatus) and bad_slot.status.failed
     assert bad_slot.status.error == 5  # bError = offset of bSlot (CCID 6.2.6)
