@@ -451,8 +451,11 @@ def reissue_with_le(cmd: CommandApdu, sw2: int) -> CommandApdu:
 # --- readable one-liners ----------------------------------------------------------------
 
 
-def describe_command(cmd: CommandApdu) -> str:
-    """E.g. ``SELECT (00 A4 04 00) case 4S Nc=7 Ne=256 data=A0000000031010``."""
+def describe_command(cmd: CommandApdu, *, hide_data: bool = False) -> str:
+    """E.g. ``SELECT (00 A4 04 00) case 4S Nc=7 Ne=256 data=A0000000031010``.
+
+    ``hide_data``: the data field is a secret (:mod:`ccidemu.redact`); only its length shows.
+    """
     parts = [
         f"{ins_label(cmd.cla, cmd.ins)} ({cmd.cla:02X} {cmd.ins:02X} {cmd.p1:02X} {cmd.p2:02X})",
         f"case {cmd.case.value}",
@@ -464,13 +467,14 @@ def describe_command(cmd: CommandApdu) -> str:
     if cmd.ne:
         parts.append(f"Ne={cmd.ne}")
     if cmd.data:
-        parts.append(f"data={cmd.data.hex().upper()}")
+        parts.append("data=[redacted]" if hide_data else f"data={cmd.data.hex().upper()}")
     return " ".join(parts)
 
 
-def describe_response(rsp: ResponseApdu) -> str:
-    """E.g. ``9000 success, 2 data bytes: 0102``."""
+def describe_response(rsp: ResponseApdu, *, hide_data: bool = False) -> str:
+    """E.g. ``9000 success, 2 data bytes: 0102`` (``hide_data``: a secret, length only)."""
     text = f"{rsp.sw:04X} {sw_meaning(rsp.sw)}"
     if rsp.data:
-        text += f", {len(rsp.data)} data bytes: {rsp.data.hex().upper()}"
+        shown = "[redacted]" if hide_data else rsp.data.hex().upper()
+        text += f", {len(rsp.data)} data bytes: {shown}"
     return text

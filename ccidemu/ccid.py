@@ -1038,6 +1038,12 @@ def build_ccid_descriptor(desc: CcidDescriptor) -> bytes:
 # --- describe ------------------------------------------------------------------------------
 
 
+def _shown(data: bytes, shown: bytes | None) -> str:
+    if shown is None or shown == data:
+        return _hex(data)
+    return f"{_hex(shown)} [redacted, {len(data)} bytes]"
+
+
 def _hex(data: bytes, limit: int = 64) -> str:
     if len(data) <= limit:
         return data.hex()
@@ -1052,8 +1058,12 @@ def _name(msg: CcidMessage) -> str:
     return prefix + type(msg).__name__.removeprefix("Ccid").removesuffix("Response")
 
 
-def describe_ccid(msg: CcidMessage) -> str:
-    """One readable line, e.g. ``PC_to_RDR_XfrBlock slot=0 seq=3 bwi=0 data=00a40400``."""
+def describe_ccid(msg: CcidMessage, *, data: bytes | None = None) -> str:
+    """One readable line, e.g. ``PC_to_RDR_XfrBlock slot=0 seq=3 bwi=0 data=00a40400``.
+
+    ``data``: the XfrBlock / DataBlock bytes to show instead of the message's (redacted by the
+    caller with :mod:`ccidemu.redact`).
+    """
     name = _name(msg)
     if isinstance(msg, CcidNotifySlotChange):
         states = " ".join(
@@ -1069,11 +1079,12 @@ def describe_ccid(msg: CcidMessage) -> str:
         ps = msg.power_select
         parts.append(f"power={ps.name if isinstance(ps, PowerSelect) else ps}")
     elif isinstance(msg, CcidXfrBlock | CcidSecure):
-        parts.append(f"bwi={msg.bwi} level={msg.level_parameter:04X} data={_hex(msg.data)}")
+        shown = _shown(msg.data, data)
+        parts.append(f"bwi={msg.bwi} level={msg.level_parameter:04X} data={shown}")
     elif isinstance(msg, CcidDataBlock):
         if msg.chain_parameter:
             parts.append(f"chain={msg.chain_parameter:02X}")
-        parts.append(f"data={_hex(msg.data)}")
+        parts.append(f"data={_shown(msg.data, data)}")
     elif isinstance(msg, CcidSlotStatus):
         cs = msg.clock_status
         parts.append(f"clock={cs.name.lower() if isinstance(cs, ClockStatus) else cs}")

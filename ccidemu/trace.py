@@ -14,11 +14,10 @@ Record format, one JSON object per line (UTF-8, ``\\n``-terminated)::
      "redacted": true,                       # optional: command data removed (see below)
      "error": "card error: ..."}             # optional: the card could not answer
 
-Redaction (ISO/IEC 7816-4:2013 sections 11.5.6, 11.5.7, 11.5.10): the data field of VERIFY
-(INS 20), CHANGE REFERENCE DATA (INS 24) and RESET RETRY COUNTER (INS 2C) carries PINs and
-PUKs.  Unless secrets are asked for, such a command is cut to its header and Lc field
-(ISO/IEC 7816-3:2006 section 12.1.3) and the record gets ``"redacted": true``.  A command with
-no data field (a VERIFY asking for the retry counter) is kept whole.
+Redaction follows :mod:`ccidemu.redact`: unless secrets are asked for, a command whose data
+is a secret (PINs, PUKs, management keys, imported keys, symmetric authentication) is cut to
+its header and Lc field, a secret response (a management-key witness or challenge) to its
+SW1 SW2, and the record gets ``"redacted": true``.
 """
 
 from __future__ import annotations
@@ -33,11 +32,13 @@ from typing import Any
 
 from ccidemu.apdu import ins_label
 from ccidemu.errors import ConfigError
+from ccidemu.redact import SECRET_INS, Redactor, Shown, is_secret_command, redact_command
 from ccidemu.sw import sw_meaning
 
 __all__ = [
     "SECRET_INS",
     "TRAFFIC",
+    "Redactor",
     "TraceRecord",
     "describe_exchange",
     "format_record",
@@ -50,27 +51,6 @@ __all__ = [
 #: Log level below DEBUG for raw frame dumps (``-vvv``; ``vmc.cli`` names it TRAFFIC).
 TRAFFIC = 5
 
-#: Instructions whose command data field holds secrets: VERIFY, CHANGE REFERENCE DATA,
-#: RESET RETRY COUNTER (ISO/IEC 7816-4:2013 table 4).
-SECRET_INS = frozenset({0x20, 0x24, 0x2C})
-
-
-def is_secret_command(command: bytes) -> bool:
-    """True when ``command`` is an instruction whose data field is a secret."""
-    return len(command) >= 4 and command[1] in SECRET_INS and command[0] != 0xFF
-
-
-def redact_command(command: bytes) -> tuple[bytes, bool]:
-    """``(command, redacted)``: secrets cut down to header + Lc, anything else unchanged.
-
-    Short Lc is one byte after the header; an extended Lc is ``00`` plus two bytes
-    (ISO/IEC 7816-3:2006 section 12.1.3).  Commands without a data field are kept.
-    """
-    if not is_secret_command(command) or len(command) <= 5:
-        return command, False
-    if command[4] == 0 and len(command) >= 7:  # 00 Lc1 Lc2 data..., or case 2E: 00 Le1 Le2
-        return command[:7], len(command) > 7
-    return command[:5], True
 
 
 @dataclass(frozen=True)
@@ -91,15 +71,22 @@ def _iso_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def format_record(record: TraceRecord, *, secrets: bool = False) -> str:
-    """The JSON line (without the newline) for ``record``; redacts unless ``secrets``."""
-    command, redacted = (record.command, False) if secrets else redact_command(record.command)
+def format_record(
+    record: TraceRecord, *, secrets: bool = False, redactor: Redactor | None = None
+) -> str:
+    """The JSON line (without the newline) for ``record``; redacts unless ``secrets``.
+
+    Give the reader's ``redactor`` when records are written in order, so that a GET RESPONSE
+    continuing a secret answer is redacted too.
+    """
+    shown = (redactor or Redactor(secrets)).exchange(record.command, record.response)
+    redacted = shown.redacted
     obj: dict[str, Any] = {
         "time": _iso_time(record.time),
         "session": record.session,
         "reader": record.reader,
-        "command": command.hex(),
-        "response": record.response.hex(),
+        "command": shown.command.hex(),
+        "response": shown.response.hex(),
         "duration": round(record.duration, 6),
     }
     if redacted or record.redacted:
@@ -210,16 +197,31 @@ def _read_lines(lines: Iterable[str], name: str) -> Iterator[TraceRecord]:
             yield parse_record(line, f"{name}:{number}")
 
 
-def describe_exchange(command: bytes, response: bytes, *, secrets: bool = False) -> str:
-    """One log line for an APDU exchange: INS name, command (redacted), SW meaning."""
-    shown, redacted = (command, False) if secrets else redact_command(command)
+def describe_exchange(
+    command: bytes,
+    response: bytes,
+    *,
+    secrets: bool = False,
+    redactor: Redactor | None = None,
+    shown: Shown | None = None,
+) -> str:
+    """One log line for an APDU exchange: INS name, command and answer (redacted), SW meaning.
+
+    ``shown``: the exchange as a :class:`~ccidemu.redact.Redactor` already redacted it.
+    """
+    if shown is None:
+        shown = (redactor or Redactor(secrets)).exchange(command, response)
     ins = ins_label(command[0], command[1]) if len(command) >= 2 else "short command"
-    text = f"{ins}: {shown.hex().upper()}{' [data redacted]' if redacted else ''} -> "
+    cut = len(command) - len(shown.command)
+    text = f"{ins}: {shown.command.hex().upper()}"
+    text += f" [{cut} data bytes redacted] -> " if cut else " -> "
     if len(response) >= 2:
         sw = int.from_bytes(response[-2:], "big")
         data = response[:-2]
         text += f"{sw:04X} ({sw_meaning(sw)})"
-        if data:
+        if data and len(shown.response) == 2:
+            text += f" +{len(data)} bytes [redacted]"
+        elif data:
             text += f" +{len(data)} bytes {data[:32].hex().upper()}"
             if len(data) > 32:
                 text += "..."

@@ -465,10 +465,11 @@ def decode_vsc(
     return _decode_payload(type_, reader_id, payload, _FORMATS[byteorder]), end
 
 
-def describe_vsc(msg: VscMessage, max_hex: int | None = 64) -> str:
+def describe_vsc(msg: VscMessage, max_hex: int | None = 64, *, data: bytes | None = None) -> str:
     """One readable line for logs and ``ccidemu decode``; payload hex cut after ``max_hex`` bytes.
 
-    Note: APDU bytes are shown as they are (no PIN redaction here; trace/log writers redact).
+    ``data``: the APDU bytes to show instead of the message's (the caller redacted them with
+    :mod:`ccidemu.redact`; this function cannot tell a command from a response).
     """
     reader = "undefined" if msg.reader_id == READER_ID_UNDEFINED else str(msg.reader_id)
     head = f"reader={reader}"
@@ -490,7 +491,9 @@ def describe_vsc(msg: VscMessage, max_hex: int | None = 64) -> str:
     if isinstance(msg, VscAtr):
         return f"ATR {head} len={len(msg.atr)} {hexdump(msg.atr)}".rstrip()
     if isinstance(msg, VscApdu):
-        return f"APDU {head} len={len(msg.data)} {hexdump(msg.data)}".rstrip()
+        shown = msg.data if data is None else data
+        cut = " [redacted]" if len(shown) != len(msg.data) else ""
+        return f"APDU {head} len={len(msg.data)} {hexdump(shown)}{cut}".rstrip()
     if isinstance(msg, VscUnknown):
         return f"Unknown(type={msg.type}) {head} len={len(msg.data)} {hexdump(msg.data)}".rstrip()
     names = {

@@ -1,6 +1,8 @@
 """The control socket of ``ccidemu serve`` and its client (``ccidemu ctl``).
 
-Protocol: JSON Lines over a stream socket (``unix:PATH``, mode 0600, or ``tcp:HOST:PORT``).
+Protocol: JSON Lines over a unix stream socket (``unix:PATH``, mode 0600, in a directory
+only its user can write).  TCP is refused: any local user could reach it and remove, insert
+or swap the cards of every VM (docs/SECURITY.md).
 The client writes one JSON object per line; the daemon answers each with one JSON object per
 line, in order, and keeps the connection open for more requests.
 
@@ -11,6 +13,9 @@ reader index in the session, 0 = the first ``--card``, default 0)::
     {"cmd": "stats"}
     {"cmd": "remove", "session": 1, "reader": 0}
     {"cmd": "insert", "session": 1, "reader": 0, "card": "test:"}   # "card" optional
+
+A ``card`` spec the daemon was not started with is accepted only from the daemon's own user
+(the peer's credentials, ``SO_PEERCRED``): opening a spec reads files with the daemon's rights.
 
 Answers: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "reason"}``.
 
@@ -30,15 +35,19 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from ccidemu.errors import CcidemuError, ConfigError
+from ccidemu.files import ensure_private_dir
 from vmc.addr import Address, UnixAddress, connect, parse_address
 
 __all__ = [
     "MAX_LINE",
     "ControlError",
+    "check_control_path",
+    "check_trusted_dir",
     "control_request",
     "decode_line",
     "default_control_address",
@@ -66,13 +75,21 @@ def default_control_address() -> UnixAddress:
     return UnixAddress(Path(f"/tmp/ccidemu-{uid}/control.sock"))
 
 
-def parse_control_option(text: str | None) -> Address | None:
-    """``--control`` value: None (option absent) = the default, ``none`` = no control socket."""
+def parse_control_option(text: str | None) -> UnixAddress | None:
+    """``--control`` value: None (option absent) = the default, ``none`` = no control socket.
+
+    ConfigError for a TCP address (see the module docstring).
+    """
     if text is None:
         return default_control_address()
     if text == "none":
         return None
-    return parse_address(text)
+    address = parse_address(text)
+    if not isinstance(address, UnixAddress):
+        raise ConfigError(
+            f"--control {text}: the control socket must be a unix socket (unix:PATH); over "
+            "TCP any local user could control every VM's cards")
+    return address
 
 
 def encode_line(obj: dict[str, Any]) -> bytes:
@@ -94,6 +111,11 @@ def control_request(
     address: Address, request: dict[str, Any], timeout: float = 10.0
 ) -> Any:
     """Send one request to a running daemon; its ``result``, or ControlError with the reason."""
+    if isinstance(address, UnixAddress):
+        try:
+            check_trusted_dir(address.path.parent)
+        except ConfigError as exc:
+            raise ControlError(f"not talking to {address}: {exc}") from None
     try:
         sock = connect(address, timeout)
     except OSError as exc:
@@ -123,10 +145,25 @@ def control_request(
     return answer.get("result")
 
 
-def check_control_path(address: Address) -> None:
-    """Make the directory of a unix control socket (mode 0700); ConfigError if impossible."""
-    if isinstance(address, UnixAddress):
-        try:
-            address.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {address.path.parent}: {exc}") from None
+def check_control_path(address: UnixAddress) -> None:
+    """Make the directory of the control socket (mode 0700) or check that it is ours and
+    nobody else can write it (a squatted ``/tmp/ccidemu-UID`` is refused); ConfigError."""
+    try:
+        ensure_private_dir(address.path.parent, "control socket directory")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (give --control unix:PATH in a private directory, or set "
+                          "XDG_RUNTIME_DIR)") from None
+
+
+def check_trusted_dir(path: Path) -> None:
+    """The client's check of the directory a control socket is in: owned by us or root and
+    writable by nobody else, so the socket in it is the daemon's and not another user's."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{path} is owned by uid {st.st_uid}, not by you or root")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{path} can be written by other users (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o})")

@@ -42,12 +42,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import itertools
 import logging
 import os
 import selectors
 import socket
 import stat
+import struct
 import threading
 import time
 from collections import deque
@@ -61,6 +63,8 @@ from typing import IO, Any
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions, open_card
 from ccidemu.errors import CardError, CcidemuError, ConfigError
+from ccidemu.files import open_private
+from ccidemu.redact import Redactor
 from ccidemu.trace import TraceRecord, format_record
 from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.control import MAX_LINE, check_control_path, decode_line, encode_line
@@ -92,9 +96,10 @@ class ServeConfig:
     connect: list[Address] = field(default_factory=list)
     listen: list[Address] = field(default_factory=list)
     cards: list[str] = field(default_factory=lambda: [DEFAULT_CARD])
-    control: Address | None = None
+    control: UnixAddress | None = None
     trace: Path | None = None
     trace_secrets: bool = False
+    allow_remote: bool = False  # --listen beyond loopback
     card_options: CardOptions = field(default_factory=CardOptions)
 
 
@@ -276,7 +281,10 @@ class _VscConn:
         self._closing = False  # close once _out is written
         self._buffer = bytearray(1 << 16)  # every read lands here: no allocation per read
         self._view = memoryview(self._buffer)
-        for index in range(len(handle.slots)):
+        for index, slot in enumerate(handle.slots):
+            # A new peer reaches the card as after a reset: the next power-on is real, and
+            # clears the security status (PIN verified, admin) an earlier peer left.
+            slot.atr = None
             self.card_changed(index)
 
     def card_changed(self, index: int) -> None:
@@ -563,6 +571,7 @@ class Daemon:
         self.lock = threading.Lock()
         self.sessions = _SessionLoop()
         self.trace_file: IO[str] | None = None
+        self._trace_redactors: dict[tuple[int, int], Redactor] = {}
         self._ids = itertools.count(1)
         self._handles: dict[int, _Handle] = {}
         self._control_server: asyncio.Server | None = None
@@ -588,16 +597,14 @@ class Daemon:
         self.sessions.start()
         probe = self._open_cards()  # fail early on a bad --card
         if config.trace is not None:
-            try:
-                self.trace_file = config.trace.open("a", encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"cannot open trace file {config.trace}: {exc}") from None
+            self.trace_file = open_private(config.trace, "trace file")
         try:
+            if config.control is not None:
+                check_control_path(config.control)
             for address in config.listen:
                 self._listen_vm(address)
                 log.info("listening on %s", address)
             if config.control is not None:
-                check_control_path(config.control)
                 await self._listen_control(config.control)
                 log.info("control socket on %s", config.control)
             for n, address in enumerate(config.connect):
@@ -667,18 +674,12 @@ class Daemon:
 
     # ---------------------------------------------------------------- sockets
 
-    async def _listen_control(self, address: Address) -> None:
-        if isinstance(address, UnixAddress):
-            sock = _bind_unix(address.path)
-            self._unix_paths.append(address.path)
-            self._control_server = await asyncio.start_unix_server(
-                self._control_client, sock=sock, limit=MAX_LINE
-            )
-        else:
-            assert isinstance(address, TcpAddress)
-            self._control_server = await asyncio.start_server(
-                self._control_client, address.host, address.port, limit=MAX_LINE
-            )
+    async def _listen_control(self, address: UnixAddress) -> None:
+        sock = _bind_unix(address.path)
+        self._unix_paths.append(address.path)
+        self._control_server = await asyncio.start_unix_server(
+            self._control_client, sock=sock, limit=MAX_LINE
+        )
 
     def _listen_vm(self, address: Address) -> None:
         """Listen for VMs: the session thread accepts."""
@@ -688,6 +689,20 @@ class Daemon:
         else:
             assert isinstance(address, TcpAddress)
             socks = _bind_tcp(address)
+            exposed = _beyond_loopback(socks)
+            if exposed and not self.config.allow_remote:
+                for sock in socks:
+                    sock.close()
+                raise ConfigError(
+                    f"--listen {address} accepts connections from other hosts ({exposed}): any "
+                    "host that reaches it gets the cards; listen on 127.0.0.1 or a unix "
+                    "socket, or give --allow-remote")
+            if exposed:
+                log.warning("%s: listening beyond loopback (%s): any host that reaches it "
+                            "gets the cards (--allow-remote)", address, exposed)
+            else:
+                log.info("%s: any local user can connect and act as a VM; a unix socket "
+                         "limits that to its owner", address)
         for sock in socks:
             self._listeners.append(sock)
             self.sessions.call_soon(self._register_listener(sock, address))
@@ -835,7 +850,9 @@ class Daemon:
             error=done.error,
         )
         try:
-            f.write(format_record(record, secrets=self.config.trace_secrets) + "\n")
+            redactor = self._trace_redactors.setdefault(
+                (sid, done.reader), Redactor(self.config.trace_secrets))
+            f.write(format_record(record, redactor=redactor) + "\n")
             f.flush()
         except OSError as exc:
             log.error("trace file: %s; tracing stopped", exc)
@@ -875,10 +892,22 @@ class Daemon:
             "readers": readers,
         }
 
-    def handle_request(self, request: dict[str, Any]) -> Any:
-        """One control request -> result; ValueError/CcidemuError with the reason."""
+    def handle_request(self, request: dict[str, Any], peer_uid: int | None = None) -> Any:
+        """One control request -> result; ValueError/CcidemuError with the reason.
+
+        ``peer_uid``: the caller's uid (None: in process).  A caller that is not the daemon's
+        user may only insert the card specs the daemon was started with.
+        """
         card: Card | None = None
         spec = request.get("card")
+        if (
+            isinstance(spec, str)
+            and peer_uid is not None
+            and peer_uid != os.geteuid()
+            and spec not in self.config.cards
+        ):
+            raise ValueError(f"card spec {spec!r} is not one this daemon serves; only its own "
+                             "user may insert other cards")
         if request.get("cmd") == "insert" and isinstance(spec, str):
             # Open the new card before taking the lock: opening may take long (a PIV card:
             # tens of ms) and the session thread needs the lock for every read.
@@ -946,6 +975,7 @@ class Daemon:
     async def _control_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        peer_uid = _peer_uid(writer.get_extra_info("socket"))
         try:
             while True:
                 try:
@@ -963,7 +993,7 @@ class Daemon:
                 if not line:
                     break
                 try:
-                    result = self.handle_request(decode_line(line))
+                    result = self.handle_request(decode_line(line), peer_uid)
                     answer: dict[str, Any] = {"ok": True, "result": result}
                 except (ValueError, CcidemuError) as exc:
                     answer = {"ok": False, "error": str(exc)}
@@ -994,6 +1024,13 @@ async def _skip_line(reader: asyncio.StreamReader) -> bool:
 
 def _bind_unix(path: Path) -> socket.socket:
     """A listening unix socket at ``path`` created mode 0600; a stale socket file is replaced."""
+    try:
+        return _bind_unix_checked(path)
+    except OSError as exc:  # lstat or unlink refused (a directory we cannot search)
+        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+
+
+def _bind_unix_checked(path: Path) -> socket.socket:
     if path.exists() or path.is_symlink():
         mode = path.lstat().st_mode
         if not stat.S_ISSOCK(mode):
@@ -1024,6 +1061,20 @@ def _bind_unix(path: Path) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on unix:{path}: {exc}") from None
     return sock
+
+
+def _beyond_loopback(socks: list[socket.socket]) -> str:
+    """The bound addresses of ``socks`` that are not loopback addresses, joined ("" if none)."""
+    exposed = []
+    for sock in socks:
+        host = sock.getsockname()[0]
+        try:
+            loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            exposed.append(host)
+    return ", ".join(exposed)
 
 
 def _bind_tcp(address: TcpAddress) -> list[socket.socket]:
@@ -1075,6 +1126,18 @@ async def _connect(address: Address) -> socket.socket:
         set_nodelay(sock)
         return sock
     raise error
+
+
+def _peer_uid(sock: socket.socket | None) -> int | None:
+    """The uid of a unix socket's peer (SO_PEERCRED); None when it cannot be had."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -75,6 +75,7 @@ from ccidemu.ccid import (
     describe_ccid,
 )
 from ccidemu.errors import CardError, ConfigError, DecodeError
+from ccidemu.redact import Redactor
 from ccidemu.vsc import (
     READER_ID_UNDEFINED,
     VscApdu,
@@ -173,6 +174,8 @@ class FakeQemuCore:
         #: every VSC message sent to the card side, in order
         self.sent: list[VscMessage] = []
         self.handshake_done = False
+        self._redactors: dict[int, Redactor] = {}  # reader id -> redaction of its log lines
+        self._ccid_redactors: dict[int, Redactor] = {}  # the same for the guest side
 
     # --- chardev side --------------------------------------------------------------------
 
@@ -186,7 +189,7 @@ class FakeQemuCore:
         self._vsc.receive_data(data)
         while (msg := self._vsc.next_event()) is not None:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("<< %s", describe_vsc(msg))
+                log.debug("<< %s", self._describe(msg, response=True))
             self.received.append(msg)
             self._handle_vsc(msg)
 
@@ -196,9 +199,20 @@ class FakeQemuCore:
         self._out.clear()
         return out
 
+    def _describe(self, msg: VscMessage, *, response: bool) -> str:
+        """A log line for ``msg`` with secrets redacted (ccidemu.redact)."""
+        if not isinstance(msg, VscApdu):
+            return describe_vsc(msg)
+        redactor = self._redactors.setdefault(msg.reader_id, Redactor())
+        shown, _ = redactor.response(msg.data) if response else redactor.command(msg.data)
+        return describe_vsc(msg, data=shown)
+
+    def _ccid_redactor(self, reader_id: int) -> Redactor:
+        return self._ccid_redactors.setdefault(reader_id, Redactor())
+
     def _send(self, msg: VscMessage) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug(">> %s", describe_vsc(msg))
+            log.debug(">> %s", self._describe(msg, response=False))
         self.sent.append(msg)
         self._out += self._vsc.send(msg)
 
@@ -316,7 +330,10 @@ class FakeQemuCore:
         """A PC_to_RDR message from the guest to the usb-ccid device of ``reader_id``."""
         slot = self._require(reader_id)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("guest -> reader %d: %s", reader_id, describe_ccid(msg))
+            shown = None
+            if isinstance(msg, CcidXfrBlock):
+                shown, _ = self._ccid_redactor(reader_id).command(msg.data)
+            log.debug("guest -> reader %d: %s", reader_id, describe_ccid(msg, data=shown))
         out = slot.out
         if isinstance(msg, CcidNotifySlotChange):
             raise CardError("NotifySlotChange is not a PC_to_RDR message")
@@ -401,7 +418,10 @@ class FakeQemuCore:
             return None
         msg = queue.popleft()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("reader %d -> guest: %s", reader_id, describe_ccid(msg))
+            shown = None
+            if isinstance(msg, CcidDataBlock):
+                shown, _ = self._ccid_redactor(reader_id).response(msg.data)
+            log.debug("reader %d -> guest: %s", reader_id, describe_ccid(msg, data=shown))
         return msg
 
     def next_seq(self, reader_id: int = 0) -> int:

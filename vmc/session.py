@@ -61,7 +61,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ccidemu.errors import DecodeError
-from ccidemu.trace import TRAFFIC, describe_exchange, redact_command
+from ccidemu.redact import Redactor, redact_command
+from ccidemu.trace import TRAFFIC, describe_exchange
 from ccidemu.vsc import (
     READER_ID_UNDEFINED,
     ByteOrder,
@@ -204,6 +205,7 @@ class _Reader:
         "name",
         "queue",
         "reader_id",
+        "redactor",
         "remove_after_flight",
         "started",
         "state",
@@ -226,6 +228,7 @@ class _Reader:
         self.remove_after_flight = False
         self.apdu_count = 0
         self.inline: _Inline | None = None
+        self.redactor = Redactor()  # for log lines (traces have their own)
 
 
 class VscSession:
@@ -465,12 +468,14 @@ class VscSession:
         reader_id = reader.reader_id if reader.reader_id is not None else READER_ID_UNDEFINED
         self._out.append(self._header.pack(7, reader_id, len(response)) + response)
         if log.isEnabledFor(logging.DEBUG):
+            shown = reader.redactor.exchange(command, response)
             log.debug(
                 "%s: reader %d: %s (%.3f ms)", self.label, reader.index,
-                describe_exchange(command, response), (now - reader.started) * 1000,
+                describe_exchange(command, response, shown=shown), (now - reader.started) * 1000,
             )
             if log.isEnabledFor(TRAFFIC):
-                log.log(TRAFFIC, "%s >> APDU reader=%d %s", self.label, reader_id, response.hex())
+                log.log(TRAFFIC, "%s >> APDU reader=%d %s%s", self.label, reader_id,
+                        shown.response.hex(), " [data redacted]" if shown.redacted else "")
         if self._report:
             self._actions.append(
                 ApduDone(reader.index, reader_id, command, response, reader.started,

@@ -36,6 +36,7 @@ from ccidemu.apdu import (
     parse_command,
 )
 from ccidemu.errors import DecodeError, StatusWordError
+from ccidemu.redact import redact_command
 from ccidemu.sw import SW, sw_bytes
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class IsoDispatcher:
             try:
                 cmd = parse_command(apdu)
             except DecodeError as exc:
-                log.debug("malformed command APDU %s: %s", bytes(apdu).hex(), exc)
+                shown, _ = redact_command(bytes(apdu))
+                log.debug("malformed command APDU %s: %s", shown.hex(), exc)
                 self._pending = b""
                 return sw_bytes(SW.WRONG_LENGTH)
             cla, ins = cmd.cla, cmd.ins

@@ -831,7 +831,14 @@ class PivCard:
 
         mutual:   {80 00} -> {80 E(W)};  {80 W, 81 C [, 82 00]} -> {82 E(C)}, admin
         external: {81 00} -> {81 C};     {82 E(C)} -> (empty), admin
-        internal: {81 C, 82 00} -> {82 E(C)} (the card proves the key; no state change)
+
+        No other step exists for 9B: SP 800-73-4 part 2 appendix A defines internal
+        authentication ({81 C, 82 00} -> {82 E(C)}) only for the symmetric card
+        authentication key, and answering it here would encrypt any block the caller chose
+        with the management key, so that anybody could answer the external challenge and
+        become admin (docs/SECURITY.md).  The card encrypts a caller's block only in mutual
+        step 2, after the caller decrypted the card's random witness, and every challenge
+        and witness is good for one try.  Any failed or unknown step clears admin status.
         """
         state = self.state
         if algorithm != state.management_algorithm and not (
@@ -859,6 +866,7 @@ class PivCard:
                 self.admin = False
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "bad witness")
             if len(challenge) != block:
+                self.admin = False
                 raise StatusWordError(SW.WRONG_DATA)
             self.admin = True
             return ber_encode(0x7C, ber_encode(0x82, encrypt(challenge)))
@@ -874,10 +882,8 @@ class PivCard:
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "bad response")
             self.admin = True
             return b""
-        if challenge and response == b"" and witness is None:
-            if len(challenge) != block:
-                raise StatusWordError(SW.WRONG_DATA)
-            return ber_encode(0x7C, ber_encode(0x82, encrypt(challenge)))
+        self.admin = False
+        self._witness = self._challenge = None
         raise StatusWordError(SW.WRONG_DATA, "unknown authentication step")
 
     # -- GENERATE ASYMMETRIC KEY PAIR (part 2 section 3.3.2) --

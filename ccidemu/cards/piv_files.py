@@ -39,12 +39,9 @@ later edits of the certificate files still show.  Delete the state file to start
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,6 +73,7 @@ from ccidemu.cards.piv import (
 )
 from ccidemu.certs import key_pem
 from ccidemu.errors import ConfigError
+from ccidemu.files import ensure_private_dir, remove_temporaries, write_atomically
 from ccidemu.tlv import ber_encode
 
 log = logging.getLogger(__name__)
@@ -473,37 +471,20 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
     return state
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half.
-
-    Temporary file in the same directory, fsync, ``os.replace``, fsync of the directory.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 class StateStore:
     """Loads and saves one card's state file (``None`` path = memory only)."""
 
-    def __init__(self, path: Path | None, initial: PivState, source: str) -> None:
+    def __init__(
+        self, path: Path | None, initial: PivState, source: str, *, writable: bool = True
+    ) -> None:
+        """``writable``: changes will be saved, so the state directory is made (0700) or
+        checked now, and temporaries an interrupted save left behind are removed."""
         self.path = path
         self._initial = initial
         self._source = source
+        if path is not None and writable:
+            ensure_private_dir(path.parent, "state directory")
+            remove_temporaries(path)
 
     def load(self) -> PivState:
         """The saved state applied to the initial one; ConfigError naming a corrupt file."""
@@ -527,7 +508,6 @@ class StateStore:
         if self.path is None:
             return
         payload = json.dumps(state_to_json(state, self._initial, self._source), indent=1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, payload.encode() + b"\n")  # mkstemp: mode 0600
         log.debug("PIV card state saved to %s", self.path)
 
@@ -537,7 +517,7 @@ def open_piv_card(argument: str, options: CardOptions) -> Card:
     config = load_config(argument)
     path = (None if options.state_dir is None
             else state_path(Path(options.state_dir), config.source))
-    store = StateStore(path, config.state, config.source)
+    store = StateStore(path, config.state, config.source, writable=not options.read_only)
     state = store.load()
     on_change = None if options.read_only or path is None else store.save
     return PivCard(state, on_change=on_change, label=config.label)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vmc.addr import TcpAddress, UnixAddress
+from ccidemu.errors import ConfigError
+from vmc.addr import UnixAddress
 from vmc.commands.ctl import format_sessions
 from vmc.control import (
     ControlError,
@@ -39,7 +40,9 @@ def test_parse_control_option(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/r")
     assert parse_control_option(None) == UnixAddress(Path("/r/ccidemu/control.sock"))
     assert parse_control_option("none") is None
-    assert parse_control_option("tcp:127.0.0.1:7000") == TcpAddress("127.0.0.1", 7000)
+    assert parse_control_option("unix:/x/c.sock") == UnixAddress(Path("/x/c.sock"))
+    with pytest.raises(ConfigError, match="must be a unix socket"):
+        parse_control_option("tcp:127.0.0.1:7000")
 
 
 def test_line_codec() -> None:

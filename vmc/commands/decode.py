@@ -3,7 +3,8 @@
 Input is FILE (or stdin), hex or binary (auto-detected unless ``--hex``/``--binary``).
 Hex input may contain whitespace, newlines, colons and ``#`` comments.  A decode error
 prints ``decode error: ...`` with the byte offset (and the line for per-line modes)
-after everything decoded before it, and exits 1.
+after everything decoded before it, and exits 1.  Secret APDU data (PINs, keys, management
+key authentication; :mod:`ccidemu.redact`) is shown only with ``--show-secrets``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from typing import Any, Literal
 
 from ccidemu.apdu import describe_command, describe_response, parse_command, parse_response
 from ccidemu.atr import describe_atr, parse_atr, qemu_accepts
-from ccidemu.ccid import CcidDataBlock, CcidIccPowerOn, CcidXfrBlock, decode_ccid, describe_ccid
+from ccidemu.ccid import (
+    CcidDataBlock,
+    CcidIccPowerOn,
+    CcidMessage,
+    CcidXfrBlock,
+    decode_ccid,
+    describe_ccid,
+)
 from ccidemu.errors import ConfigError, DecodeError
 from ccidemu.pcap import ccid_records
+from ccidemu.redact import Redactor
 from ccidemu.tlv import describe_tlv
 from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, decode_vsc, describe_vsc
 
@@ -59,6 +68,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--little-endian", action="store_true",
         help="VSCard headers are little-endian (the form inside SPICE's smartcard channel)",
+    )
+    parser.add_argument(
+        "--show-secrets", action="store_true",
+        help="show the data of secret-bearing APDUs (VERIFY, CHANGE REFERENCE DATA, RESET "
+        "RETRY COUNTER, SET MANAGEMENT KEY, IMPORT KEY, symmetric GENERAL AUTHENTICATE); "
+        "hidden by default",
     )
     parser.add_argument("file", metavar="FILE", nargs="?", help="input file (default: stdin)")
     parser.set_defaults(func=run, form=None)
@@ -114,17 +129,34 @@ def _hex_lines(raw: bytes) -> list[tuple[int, bytes]]:
 Out = Callable[[str], None]
 
 
-def _describe_apdu(data: bytes, *, response: bool) -> str:
-    """One line for a command or response APDU.  DecodeError if it does not parse."""
+class _Secrets:
+    """Redaction of the APDUs of one decode run: one Redactor per reader or slot."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self._redactors: dict[int, Redactor] = {}
+
+    def see(self, key: int, data: bytes, *, response: bool) -> bytes:
+        """The bytes of an APDU to show (in stream order: each APDU is seen once)."""
+        redactor = self._redactors.setdefault(key, Redactor(self.show))
+        shown, _ = redactor.response(data) if response else redactor.command(data)
+        return shown
+
+
+def _describe_apdu(data: bytes, *, response: bool, hidden: bool = False) -> str:
+    """One line for a command or response APDU (``hidden``: its data is a secret).
+
+    DecodeError if it does not parse.
+    """
     if response:
-        return describe_response(parse_response(data))
-    return describe_command(parse_command(data))
+        return describe_response(parse_response(data), hide_data=hidden)
+    return describe_command(parse_command(data), hide_data=hidden)
 
 
-def _apdu_lines(label: str, data: bytes, *, response: bool) -> list[str]:
+def _apdu_lines(label: str, data: bytes, *, response: bool, hidden: bool) -> list[str]:
     """Decoding of a command or response APDU, indented; the error text if it does not parse."""
     try:
-        return [f"    {label}: {_describe_apdu(data, response=response)}"]
+        return [f"    {label}: {_describe_apdu(data, response=response, hidden=hidden)}"]
     except DecodeError as exc:
         return [f"    {label}: not a valid APDU: {exc}"]
 
@@ -140,7 +172,9 @@ def _atr_lines(data: bytes) -> list[str]:
         ]
 
 
-def _decode_vsc(data: bytes, out: Out, byteorder: Literal["big", "little"]) -> int:
+def _decode_vsc(
+    data: bytes, out: Out, byteorder: Literal["big", "little"], secrets: _Secrets
+) -> int:
     view = memoryview(data)  # slices without copying the rest of the input
     pos = 0
     count = 0
@@ -151,18 +185,22 @@ def _decode_vsc(data: bytes, out: Out, byteorder: Literal["big", "little"]) -> i
         except DecodeError as exc:
             raise DecodeError(f"VSCard message #{count + 1}: {exc}", offset=pos) from None
         count += 1
-        out(f"#{count} @{pos}: {describe_vsc(msg, max_hex=None)}")
+        if isinstance(msg, VscApdu):
+            # Commands go QEMU -> card, responses back: they alternate on one reader.
+            is_response = expect_response or len(msg.data) < 4
+            shown = secrets.see(msg.reader_id, msg.data, response=is_response)
+            out(f"#{count} @{pos}: {describe_vsc(msg, max_hex=None, data=shown)}")
+            label = "response" if is_response else "command"
+            for line in _apdu_lines(label, msg.data, response=is_response,
+                                    hidden=shown != msg.data):
+                out(line)
+            expect_response = not is_response
+        else:
+            out(f"#{count} @{pos}: {describe_vsc(msg, max_hex=None)}")
         if isinstance(msg, VscAtr):
             expect_response = False
             for line in _atr_lines(msg.atr):
                 out(line)
-        elif isinstance(msg, VscApdu):
-            # Commands go QEMU -> card, responses back: they alternate on one reader.
-            is_response = expect_response or len(msg.data) < 4
-            label = "response" if is_response else "command"
-            for line in _apdu_lines(label, msg.data, response=is_response):
-                out(line)
-            expect_response = not is_response
         elif isinstance(msg, VscCardRemove):
             expect_response = False
         pos += used
@@ -170,10 +208,40 @@ def _decode_vsc(data: bytes, out: Out, byteorder: Literal["big", "little"]) -> i
     return 0
 
 
-def _decode_ccid(data: bytes, out: Out) -> int:
+class _CcidDecoder:
+    """CCID messages to text: APDU/ATR payloads decoded (DataBlock after IccPowerOn = ATR)."""
+
+    def __init__(self, out: Out, secrets: _Secrets) -> None:
+        self._out = out
+        self._secrets = secrets
+        self._last_command: dict[int, object] = {}
+
+    def message(self, prefix: str, msg: CcidMessage, suffix: str = "") -> None:
+        out = self._out
+        if isinstance(msg, CcidXfrBlock | CcidIccPowerOn):
+            self._last_command[msg.slot] = msg
+        atr = isinstance(msg, CcidDataBlock) and isinstance(
+            self._last_command.get(msg.slot), CcidIccPowerOn)
+        apdu = isinstance(msg, CcidXfrBlock | CcidDataBlock) and bool(msg.data) and not atr
+        if not apdu:
+            out(f"{prefix}{describe_ccid(msg)}{suffix}")
+            if atr and isinstance(msg, CcidDataBlock) and msg.data:
+                for line in _atr_lines(msg.data):
+                    out(line)
+            return
+        assert isinstance(msg, CcidXfrBlock | CcidDataBlock)
+        response = isinstance(msg, CcidDataBlock)
+        shown = self._secrets.see(msg.slot, msg.data, response=response)
+        out(f"{prefix}{describe_ccid(msg, data=shown)}{suffix}")
+        for line in _apdu_lines("response" if response else "command", msg.data,
+                                response=response, hidden=shown != msg.data):
+            out(line)
+
+
+def _decode_ccid(data: bytes, out: Out, secrets: _Secrets) -> int:
     pos = 0
     count = 0
-    last_command: dict[int, object] = {}
+    decoder = _CcidDecoder(out, secrets)
     view = memoryview(data)  # slices without copying the rest of the input
     while pos < len(data):
         try:
@@ -181,49 +249,33 @@ def _decode_ccid(data: bytes, out: Out) -> int:
         except DecodeError as exc:
             raise DecodeError(f"CCID message #{count + 1}: {exc}", offset=pos) from None
         count += 1
-        out(f"#{count} @{pos}: {describe_ccid(msg)}")
-        _ccid_payload(msg, last_command, out)
+        decoder.message(f"#{count} @{pos}: ", msg)
         pos += used
     out(f"{count} CCID messages, {len(data)} bytes")
     return 0
 
 
-def _ccid_payload(msg: object, last_command: dict[int, object], out: Out) -> None:
-    """APDU/ATR decoding of an XfrBlock or DataBlock (DataBlock after IccPowerOn = ATR)."""
-    if isinstance(msg, CcidXfrBlock | CcidIccPowerOn):
-        last_command[msg.slot] = msg
-    if isinstance(msg, CcidXfrBlock) and msg.data:
-        for line in _apdu_lines("command", msg.data, response=False):
-            out(line)
-    elif isinstance(msg, CcidDataBlock) and msg.data:
-        if isinstance(last_command.get(msg.slot), CcidIccPowerOn):
-            for line in _atr_lines(msg.data):
-                out(line)
-        else:
-            for line in _apdu_lines("response", msg.data, response=True):
-                out(line)
-
-
-def _decode_pcap(data: bytes, out: Out) -> int:
+def _decode_pcap(data: bytes, out: Out, secrets: _Secrets) -> int:
     records = ccid_records(data)
-    last_command: dict[int, object] = {}
+    decoder = _CcidDecoder(out, secrets)
     for number, record in enumerate(records, start=1):
         cut = " [truncated by the capture]" if record.truncated else ""
-        out(f"#{number} t={record.timestamp:.6f} {describe_ccid(record.message)}{cut}")
-        _ccid_payload(record.message, last_command, out)
+        decoder.message(f"#{number} t={record.timestamp:.6f} ", record.message, cut)
     out(f"{len(records)} CCID messages")
     return 0
 
 
 def _decode_per_line(
-    lines: list[tuple[int, bytes]], out: Out, *, response: bool
+    lines: list[tuple[int, bytes]], out: Out, secrets: _Secrets, *, response: bool
 ) -> int:
     for number, chunk in lines:
+        shown = secrets.see(0, chunk, response=response)
         try:
-            text = _describe_apdu(chunk, response=response)
+            text = _describe_apdu(chunk, response=response, hidden=shown != chunk)
         except DecodeError as exc:
             raise DecodeError(f"line {number}: {exc}") from None
-        out(f"{chunk.hex().upper()}\n    {text}")
+        cut = f" [{len(chunk) - len(shown)} bytes redacted]" if shown != chunk else ""
+        out(f"{shown.hex().upper()}{cut}\n    {text}")
     return 0
 
 
@@ -260,8 +312,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, raw: bytes, out: Out) -> int:
     mode: str = args.mode
     form: str | None = args.form
+    secrets = _Secrets(args.show_secrets)
     if mode == "pcap" or (mode == "auto" and form != "hex" and raw[:4] in _PCAP_MAGICS):
-        return _decode_pcap(raw, out)
+        return _decode_pcap(raw, out, secrets)
     if form is None:
         form = "hex" if _looks_like_hex(raw) else "binary"
     if form == "hex":
@@ -277,13 +330,13 @@ def _run(args: argparse.Namespace, raw: bytes, out: Out) -> int:
         out(f"(decoding as {mode}; use --as to choose)")
     byteorder: Literal["big", "little"] = "little" if args.little_endian else "big"
     if mode == "vsc":
-        return _decode_vsc(data, out, byteorder)
+        return _decode_vsc(data, out, byteorder, secrets)
     if mode == "ccid":
-        return _decode_ccid(data, out)
+        return _decode_ccid(data, out, secrets)
     if mode == "pcap":
-        return _decode_pcap(data, out)
+        return _decode_pcap(data, out, secrets)
     if mode in ("apdu", "rapdu"):
-        return _decode_per_line(lines, out, response=mode == "rapdu")
+        return _decode_per_line(lines, out, secrets, response=mode == "rapdu")
     if mode == "atr":
         out(describe_atr(parse_atr(data)))
         return 0

@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--state-dir", type=Path, metavar="DIR",
                    help="where cards persist changed state")
     p.add_argument("--read-only", action="store_true", help="never write card state to disk")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --listen tcp: address that other hosts can reach (any host "
+                   "that reaches it gets the cards); without it only loopback is accepted")
     p.set_defaults(func=run)
 
 
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         control=parse_control_option(args.control),
         trace=args.trace,
         trace_secrets=args.trace_secrets,
+        allow_remote=args.allow_remote,
         card_options=CardOptions(state_dir=args.state_dir, read_only=args.read_only),
     )
 
