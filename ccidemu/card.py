@@ -1,14 +1,22 @@
-"""The card interface every virtual reader talks to, and the built-in test card.
+"""The card interface every virtual reader talks to, reader events, and the built-in test card.
 
 A card answers power-on with its ATR (ISO/IEC 7816-3 section 8) and command
 APDUs with response APDUs (ISO/IEC 7816-4 section 5).  Emulated cards are pure
 objects: no I/O, no clocks, no threads.  Adapters (PC/SC, USB, trace replay)
 implement the same protocol and say so with ``blocking = True`` so that the
 daemon runs them off its event loop.
+
+A card whose presence can change by itself (a real card in a host reader: pulled out, put
+back, the reader unplugged) also implements :class:`ReaderEvents`: the daemon calls
+:meth:`~ReaderEvents.watch` with a callback, which the card calls from any thread with a
+:class:`CardInserted`, :class:`CardRemoved` or :class:`ReaderUnplugged`.  A blocking card may
+implement :class:`Cancellable` so that a call stuck on a dead device can be abandoned.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 
@@ -39,6 +47,51 @@ class Card(Protocol):
         command gets an ISO 7816-4 status word.  Raises ``CardError`` only
         when the card cannot answer at all.
         """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CardInserted:
+    """A card is in the reader now (``atr``: its answer to reset, when already known)."""
+
+    atr: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CardRemoved:
+    """The card left the reader; the reader itself is still there."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderUnplugged:
+    """The reader is gone (unplugged, or its service died); ``reason`` says what happened."""
+
+    reason: str = ""
+
+
+ReaderEvent = CardInserted | CardRemoved | ReaderUnplugged
+
+
+@runtime_checkable
+class ReaderEvents(Protocol):
+    """A card that reports presence changes by itself (see the module docstring)."""
+
+    def watch(self, notify: Callable[[ReaderEvent], None]) -> None:
+        """Start reporting: ``notify`` may be called from any thread, at any time, until
+        :meth:`unwatch`.  The current state is not reported; the caller powers the card on."""
+        ...
+
+    def unwatch(self) -> None:
+        """Stop reporting (and release what watching needed).  Idempotent."""
+        ...
+
+
+@runtime_checkable
+class Cancellable(Protocol):
+    """A blocking card whose current call can be abandoned from another thread."""
+
+    def cancel(self) -> None:
+        """Make a transmit/power_on in progress raise CardError soon; idempotent."""
         ...
 
 

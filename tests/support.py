@@ -1,19 +1,49 @@
-"""Helpers shared by the test suites that drive real peers (tests/e2e, tests/pcscd)."""
+"""Helpers shared by the test suites that drive real peers (tests/e2e, tests/pcscd).
+
+Real peers (QEMU, pcscd with vpcd, OpenSC, ...) are installed by the README's test command, so a
+missing one is a failure, naming what is missing.  An explicit opt-out skips them instead, and
+the end of the run says so in its summary: ``--no-qemu`` / ``CCIDEMU_NO_QEMU=1`` for the QEMU
+guest tests, ``--no-pcscd`` / ``CCIDEMU_NO_PCSCD=1`` for the real-client tests.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 
+import pytest
+
 from ccidemu.card import BuiltinTestCard
 
 #: The built-in test card's ATR as ``opensc-tool -a`` prints it.
 TEST_ATR_TEXT = ":".join(f"{b:02x}" for b in BuiltinTestCard.ATR)
 
+#: Peer kind -> (pytest option, environment variable) that opt out of its tests.
+OPT_OUTS = {"qemu": ("--no-qemu", "CCIDEMU_NO_QEMU"), "pcscd": ("--no-pcscd", "CCIDEMU_NO_PCSCD")}
 
-def in_ci() -> bool:
-    """Running in CI (``CI=true``, also 1 or yes): a missing peer fails instead of skipping."""
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: (kind, reason) of every peer group skipped in this run, for the terminal summary.
+SKIPPED_PEERS: list[tuple[str, str]] = []
+
+
+def opted_out(config: pytest.Config, kind: str) -> bool:
+    option, variable = OPT_OUTS[kind]
+    flag = bool(config.getoption(option.lstrip("-").replace("-", "_"), default=False))
+    return flag or os.environ.get(variable, "").lower() in ("1", "true", "yes")
+
+
+def require_peers(config: pytest.Config, kind: str, missing: list[str], install: str) -> None:
+    """Fail the test when peers of ``kind`` are missing, naming them; skip (recorded for the
+    summary) only when the user opted out of that kind."""
+    if not missing:
+        return
+    option, variable = OPT_OUTS[kind]
+    reason = f"{kind} peers missing: {', '.join(missing)}"
+    if opted_out(config, kind):
+        if (kind, reason) not in SKIPPED_PEERS:
+            SKIPPED_PEERS.append((kind, reason))
+        pytest.skip(f"{reason} ({option} given)")
+    pytest.fail(f"{reason}; install them ({install}, or run tools/bootstrap.sh), or skip these "
+                f"tests with {option} / {variable}=1", pytrace=False)
 
 
 _RECEIVED_RE = re.compile(r"^Received \(SW1=0x([0-9a-fA-F]{2}), SW2=0x([0-9a-fA-F]{2})\)")

@@ -238,6 +238,9 @@ class VscSession:
     ``present``: which readers start with a card (default: all).
     ``label``: prefix for log lines (e.g. ``"session 3"``).
     ``report_exchanges``: emit :class:`ApduDone` actions (for traces).
+    ``peer_init``: the peer answers our Init with its own (QEMU's chardev does).  False for a
+    peer that never sends one (the SPICE server drops QEMU's Init): the handshake is done as
+    soon as ours is queued, and readers are added at once.
     """
 
     def __init__(
@@ -250,6 +253,7 @@ class VscSession:
         max_length: int = MAX_MESSAGE_LENGTH,
         max_queue: int = 16,
         report_exchanges: bool = True,
+        peer_init: bool = True,
     ) -> None:
         flags = list(present) if present is not None else [True] * len(readers)
         if len(flags) != len(readers):
@@ -275,6 +279,7 @@ class VscSession:
         self._report = report_exchanges
         self._next_token = 1
         self._started = False
+        self._peer_init = peer_init
         self._handshake_done = False
         self._adding: _Reader | None = None
         self._shutting_down = False
@@ -327,6 +332,10 @@ class VscSession:
         for reader in self._readers:
             if reader.want_card:
                 self._power_on(reader)
+        if not self._peer_init:
+            self._handshake_done = True
+            log.info("%s: handshake done (the peer sends no Init)", self.label)
+            self._add_next_reader()
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Bytes from the peer.  Never raises: a broken stream becomes a :class:`Closed` action."""

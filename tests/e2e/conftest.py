@@ -1,9 +1,9 @@
 """Fixtures for the QEMU end-to-end tests (see tests/e2e/guest.py for the guest itself).
 
-- ``guest_image`` (session): the cached kernel + initramfs.  Skips with a warning when QEMU or
-  the guest's packages are missing, except under ``CI=true`` where that fails the test.
+- ``guest_image`` (session): the cached kernel + initramfs.  Fails naming what is missing when
+  QEMU or the guest's packages are absent, unless ``--no-qemu`` / ``CCIDEMU_NO_QEMU=1``.
 - ``e2e_dir`` (module): a short directory for unix sockets, logs, traces and pcaps.
-- :func:`tests.e2e.guest.boot_guest` for module fixtures: each test module boots one guest
+- :func:`vmc.lab.guest.boot_guest` for module fixtures: each test module boots one guest
   (about 6 s under TCG) and its tests share it.
 
 On a failing test its module's directory is kept, and the tails of every guest's serial
@@ -16,32 +16,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import Guest, GuestImage, build_guest, missing_host_tools
-from tests.support import in_ci
+from tests.support import require_peers
+from vmc.lab.guest import (
+    GUEST_HOST_PACKAGES,
+    Guest,
+    GuestImage,
+    build_guest,
+    missing_host_tools,
+)
+from vmc.lab.serve import ServeProcess
 
 #: Modules with a failed test keep their e2e_dir (as does CCIDEMU_KEEP_E2E=1).
 _FAILED_MODULES: set[str] = set()
 
 
 @pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    missing = missing_host_tools()
-    if missing:
-        reason = (
-            "QEMU end-to-end tests cannot run on this host; missing: " + ", ".join(missing)
-            + " (tools/bootstrap.sh installs them)"
-        )
-        if in_ci():
-            pytest.fail(reason + " -- CI=true, so this is a failure, not a skip", pytrace=False)
-        warnings.warn(reason, stacklevel=1)
-        pytest.skip(reason)
+def guest_image(request: pytest.FixtureRequest) -> GuestImage:
+    require_peers(request.config, "qemu", missing_host_tools(), GUEST_HOST_PACKAGES)
     return build_guest()
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ccidemu.trace import TraceRecord, read_trace
-from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import (
+from tests.support import TEST_ATR_TEXT, opensc_responses
+from vmc.lab.guest import (
     ECHO,
     ChardevMode,
     Guest,
@@ -21,7 +21,7 @@ from tests.e2e.guest import (
     boot_guest,
     wait_apdus_work,
 )
-from tests.support import TEST_ATR_TEXT, opensc_responses
+from vmc.lab.serve import ServeProcess
 
 pytestmark = pytest.mark.qemu
 

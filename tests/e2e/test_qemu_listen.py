@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import (
+from tests.support import TEST_ATR_TEXT, opensc_responses
+from vmc.lab.guest import (
     ECHO,
     ChardevMode,
     Guest,
@@ -19,7 +19,7 @@ from tests.e2e.guest import (
     boot_guest,
     wait_apdus_work,
 )
-from tests.support import TEST_ATR_TEXT, opensc_responses
+from vmc.lab.serve import ServeProcess
 
 pytestmark = pytest.mark.qemu
 

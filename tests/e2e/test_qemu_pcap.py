@@ -13,9 +13,9 @@ import pytest
 
 from ccidemu.pcap import ccid_exchanges
 from ccidemu.trace import read_trace
-from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import ECHO, ChardevMode, Guest, GuestImage, boot_guest
 from tests.support import opensc_responses
+from vmc.lab.guest import ECHO, ChardevMode, Guest, GuestImage, boot_guest
+from vmc.lab.serve import ServeProcess
 
 pytestmark = pytest.mark.qemu
 

@@ -15,8 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import ChardevMode, Guest, GuestImage, boot_guest
+from vmc.lab.guest import ChardevMode, Guest, GuestImage, boot_guest
+from vmc.lab.serve import ServeProcess
 
 pytestmark = pytest.mark.qemu
 

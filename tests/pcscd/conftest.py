@@ -1,4 +1,4 @@
-"""Fixtures for the real-client tests: a private pcscd with vpcd (see harness.py)."""
+"""Fixtures for the real-client tests: a private pcscd with vpcd (vmc.lab.pcscd)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pcscd.harness import PcscdHarness, require
+from tests.support import require_peers
+from vmc.lab.pcscd import PEER_PACKAGES, PcscdHarness, missing_peers
 
 
 @pytest.fixture(scope="session")
-def pcscd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscdHarness]:
-    require()
+def pcscd_session(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PcscdHarness]:
+    require_peers(request.config, "pcscd", missing_peers(), PEER_PACKAGES)
     harness = PcscdHarness(tmp_path_factory.mktemp("pcscd"))
     harness.start_pcscd()
     try:

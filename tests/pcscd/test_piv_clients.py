@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from tests.pcscd.harness import OPENSC_PKCS11, READER, REPO, PcscdHarness
+from vmc.lab.pcscd import OPENSC_PKCS11, READER, PcscdHarness
 
 pytestmark = pytest.mark.pcscd
 
-FIXTURES = REPO / "fixtures" / "certs"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
 PIN, PUK = "123456", "12345678"
 YKPIV = ("yubico-piv-tool", "-r", READER)
 

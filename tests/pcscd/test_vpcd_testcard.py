@@ -10,9 +10,9 @@ import time
 import pytest
 
 from ccidemu.card import BuiltinTestCard
-from tests.pcscd.harness import READER, PcscdHarness, require
 from tests.support import TEST_ATR_TEXT, opensc_responses
 from vmc.addr import TcpAddress
+from vmc.lab.pcscd import READER, PcscdHarness
 from vmc.vpcd import VpcdBridge
 
 pytestmark = pytest.mark.pcscd
@@ -137,11 +137,3 @@ def test_power_off_on_and_reset(pcscd: PcscdHarness) -> None:
     assert "vpcd PowerOff" in log, log
     assert "vpcd PowerOn" in log, log
     assert "vpcd Reset" in log, log
-
-
-@pytest.mark.parametrize("value", ["true", "1", "yes"])
-def test_missing_peer_fails_in_ci(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CI is detected as tests/e2e detects it (tests.support.in_ci): a missing peer fails."""
-    monkeypatch.setenv("CI", value)
-    with pytest.raises(pytest.fail.Exception, match="real-client peers missing"):
-        require(tools=("ccidemu-no-such-tool",), files=())

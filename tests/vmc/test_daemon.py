@@ -26,12 +26,12 @@ from ccidemu.cards import CardOptions, register
 from ccidemu.errors import CardError, ConfigError
 from ccidemu.trace import read_trace
 from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, VscReaderRemove
-from tests.e2e.daemon import ServeProcess
-from tests.e2e.guest import ChardevMode
 from tests.vmc.daemon_harness import RunningDaemon, echo, free_port, serve
 from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.control import ControlError, control_request
 from vmc.fakeqemu import FakeQemu
+from vmc.lab.guest import ChardevMode
+from vmc.lab.serve import ServeProcess
 
 H = bytes.fromhex
 TEST_ATR = BuiltinTestCard.ATR

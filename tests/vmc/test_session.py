@@ -612,3 +612,21 @@ def test_exchange_inline_taken_for_a_lone_apdu_and_not_otherwise() -> None:
     e.set_inline_card(0, None)
     assert e.exchange_inline(bytearray(apdu(0, H("80e00000"))), 16, 1.0) is None
     assert e.next_action() is None and e.data_to_send() == b""
+
+
+def test_a_peer_without_init_gets_the_reader_at_once() -> None:
+    """peer_init=False (the SPICE server never forwards QEMU's Init): Init, ReaderAdd and,
+    once the reader is acknowledged, the ATR go out without waiting for the peer."""
+    session = new_session(peer_init=False)
+    session.start(0.0)
+    assert session.handshake_done
+    power_all(session)
+    assert session.data_to_send() == OUR_INIT + READER_ADD
+    session.receive_data(ERROR_OK, 0.0)
+    assert session.data_to_send() == ATR_MSG
+    session.receive_data(ERROR_OK, 0.0)
+    session.receive_data(GUEST_APDU, 0.0)
+    (transmit,) = actions(session)
+    assert isinstance(transmit, Transmit) and transmit.apdu == GUEST_APDU[12:]
+    session.receive_data(QEMU_INIT, 0.0)  # an Init after all: ignored, nothing runs twice
+    assert session.data_to_send() == b""

@@ -1,12 +1,13 @@
-"""A tiny Linux guest for end-to-end tests: real pcscd + libccid + OpenSC behind QEMU's usb-ccid.
+"""A tiny Linux guest: real pcscd + libccid + OpenSC behind QEMU's usb-ccid.
 
-How it is built (docs: PROTOCOL-NOTES section 2): the Debian kernel package that
+How it is built (docs/PROTOCOL.md, "A real QEMU guest"): the Debian kernel package that
 ``linux-image-amd64`` depends on is fetched with ``apt-get download`` and unpacked
 (``dpkg-deb``); the initramfs holds busybox-static, pcscd, the libccid bundle, the OpenSC tools,
 their ``ldd`` libraries (plus ``libpcsclite.so.1`` and ``libgcc_s.so.1``, which are loaded at run
 time), the four USB modules and :data:`INIT_SCRIPT`.  It is packed with ``busybox cpio -o -H
-newc | gzip -1`` and cached under ``$CCIDEMU_CACHE/guest`` (default ``<repo>/.cache/guest``),
-keyed by the versions of every package that went in and by this module's guest layout.
+newc | gzip -1`` and cached under ``$CCIDEMU_CACHE/guest`` (default
+``$XDG_CACHE_HOME/ccidemu/guest``, that is ``~/.cache/ccidemu/guest``), keyed by the versions of
+every package that went in and by this module's guest layout.
 
 How it runs: QEMU (TCG) with three serial ports.  ttyS0 is the kernel console (to a file),
 ttyS1 is a command channel on QEMU's stdio, ttyS2 carries pcscd's ``--debug --apdu`` log (to a
@@ -16,7 +17,7 @@ and stderr merged) in its own session under a watchdog that SIGKILLs the whole p
 after SECONDS, and answers with the output, a newline and ``<<<END:STATUS>>>``.  One boot
 (about 6 s under TCG) serves any number of commands.
 
-Run ``python -m tests.e2e.guest`` (or ``tools/build-guest``) to build or refresh the cache.
+Run ``python -m vmc.lab.guest`` (or ``tools/build-guest``) to build or refresh the cache.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 QEMU = os.environ.get("CCIDEMU_QEMU", "qemu-system-x86_64")  # override to test a skip
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 
@@ -134,6 +134,12 @@ poweroff -f
 """
 
 
+#: Debian packages that provide what :func:`missing_host_tools` looks for.
+GUEST_HOST_PACKAGES = (
+    "qemu-system-x86 busybox-static pcscd libccid opensc opensc-pkcs11 pcsc-tools apt dpkg"
+)
+
+
 class GuestError(Exception):
     """The guest could not be built or did not behave (a test-infrastructure failure)."""
 
@@ -173,8 +179,13 @@ class GuestImage:
 
 
 def cache_root() -> Path:
+    """``$CCIDEMU_CACHE/guest``, else ``$XDG_CACHE_HOME/ccidemu/guest`` (``~/.cache/...``)."""
     env = os.environ.get("CCIDEMU_CACHE")
-    return (Path(env) if env else REPO_ROOT / ".cache") / "guest"
+    if env:
+        return Path(env) / "guest"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "ccidemu" / "guest"
 
 
 def _run(cmd: Sequence[str], *, cwd: Path | None = None, timeout: float = 120) -> str:

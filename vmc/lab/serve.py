@@ -1,7 +1,7 @@
-"""The daemon under test, ``ccidemu serve``, as a subprocess (and ``ccidemu ctl`` against it).
+"""``ccidemu serve`` as a subprocess (and ``ccidemu ctl`` against it), for tests and the lab.
 
-Run as ``sys.executable -m vmc`` from the repository root, so the tests use the working tree.
-Its stderr (``-vv``) goes to ``serve.log`` in the test's directory, appended across restarts.
+Run as ``sys.executable -m vmc``: the same Python and the same ccidemu as the caller.  Its
+stderr (``-vv``) goes to ``serve.log`` in the working directory, appended across restarts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.guest import REPO_ROOT, ChardevMode, tail
+from vmc.lab.guest import ChardevMode, tail
 
 
 class DaemonError(Exception):
@@ -74,7 +74,7 @@ class ServeProcess:
             log.write(f"\n===== start #{self.starts}: {' '.join(self.command())}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.command(), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -122,7 +122,7 @@ class ServeProcess:
         """Run ``ccidemu ctl --control ADDR ARGS...`` (no check; see :meth:`ctl_json`)."""
         cmd = [sys.executable, "-m", "vmc", "ctl", "--control", f"unix:{self.control}", *args]
         return subprocess.run(
-            cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            cmd, capture_output=True, text=True, timeout=timeout, check=False
         )
 
     def ctl_ok(self, *args: str) -> str:

@@ -1,6 +1,6 @@
 """A private pcscd with the vpcd driver, and the ccidemu vpcd bridge, for real-client tests.
 
-pcscd is started by socket activation (PROTOCOL-NOTES section 3): we bind the client socket
+pcscd is started by socket activation (docs/PROTOCOL.md, "vpcd"): we bind the client socket
 in a temporary directory ourselves and pass it as fd 3 with LISTEN_FDS=1 / LISTEN_PID, and
 the clients find it through ``PCSCLITE_CSOCK_NAME``.  pcscd reads our own reader.conf
 (``pcscd -c FILE``) that points vsmartcard's driver at a free TCP port instead of the fixed
@@ -22,38 +22,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-from tests.support import in_ci
-
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 OPENSC_PKCS11 = Path("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")
 READER = "Virtual PCD 00 00"
-REPO = Path(__file__).resolve().parents[2]
 
 #: Binaries the real-client tests need (tools/bootstrap.sh installs them).
 TOOLS = ("pcscd", "opensc-tool", "pkcs11-tool", "pkcs15-tool", "scriptor", "yubico-piv-tool",
          "openssl")
 
 
-def require(tools: Sequence[str] = TOOLS, files: Sequence[Path] = (VPCD_DRIVER, OPENSC_PKCS11)
-            ) -> None:
-    """Skip (loudly) when a peer is missing; in CI (CI=true) a missing peer is a failure."""
+def missing_peers(
+    tools: Sequence[str] = TOOLS, files: Sequence[Path] = (VPCD_DRIVER, OPENSC_PKCS11)
+) -> list[str]:
+    """The programs and files of the real-client peers this host lacks (empty: all there)."""
     missing = [t for t in tools if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
     missing += [str(f) for f in files if not f.exists()]
-    if not missing:
-        return
-    reason = (f"real-client peers missing: {', '.join(missing)} "
-              "(run tools/bootstrap.sh: pcscd vsmartcard-vpcd opensc pcsc-tools yubico-piv-tool)")
-    if in_ci():
-        pytest.fail(reason, pytrace=False)
-    print(f"\n*** SKIPPING pcscd tests: {reason}", file=sys.stderr)
-    pytest.skip(reason)
+    override = os.environ.get("CCIDEMU_PCSCD")
+    if override and shutil.which(override) is None:
+        missing.append(override)
+    return missing
+
+
+#: What to install when :func:`missing_peers` finds something missing (Debian 12).
+PEER_PACKAGES = "pcscd vsmartcard-vpcd opensc pcsc-tools yubico-piv-tool openssl"
 
 
 def _pcscd() -> str:
-    """pcscd's path: it is in /usr/sbin, which a non-root user's PATH lacks on Debian."""
-    return shutil.which("pcscd") or "/usr/sbin/pcscd"
+    """pcscd's path (``$CCIDEMU_PCSCD`` overrides): it is in /usr/sbin, which a non-root
+    user's PATH lacks on Debian."""
+    return os.environ.get("CCIDEMU_PCSCD") or shutil.which("pcscd") or "/usr/sbin/pcscd"
 
 
 def _port_free(port: int) -> bool:
@@ -203,7 +200,7 @@ class PcscdHarness:
         argv = [sys.executable, "-m", "vmc", "-vv", "vpcd", "--card", card,
                 "--vpcd", self.vpcd_address, *extra]
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.bridge = Bridge(proc, log_path, argv)
         if wait:
