@@ -87,6 +87,17 @@ class ReaderEvents(Protocol):
 
 
 @runtime_checkable
+class CostHint(Protocol):
+    """A non-blocking card that knows which commands take long to answer (heavy crypto, key
+    generation, a state write to disk): the daemon answers those off its loop thread, so that
+    one VM's RSA work never delays another VM's SELECT.  Must be cheap: it runs per APDU."""
+
+    def costly(self, apdu: bytes) -> bool:
+        """True when answering ``apdu`` may take more than a few microseconds."""
+        ...
+
+
+@runtime_checkable
 class Cancellable(Protocol):
     """A blocking card whose current call can be abandoned from another thread."""
 

@@ -23,6 +23,7 @@ from typing import IO
 from ccidemu.errors import ConfigError
 
 __all__ = [
+    "DirectoryLock",
     "check_private_dir",
     "ensure_private_dir",
     "open_private",
@@ -161,3 +162,42 @@ def remove_temporaries(path: Path) -> int:
     if removed:
         log.info("removed %d temporary file(s) an interrupted write of %s left", removed, path)
     return removed
+
+
+class DirectoryLock:
+    """An exclusive lock on a state directory, held while a card's state may be written.
+
+    Two VMs (or two daemons) must never write one state file: the second to lock is refused
+    with a message naming the holder (``flock`` on ``DIR/.lock``, which holds its pid and
+    label).  Released by :meth:`release` or when the process ends.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: Path, label: str) -> None:
+        import fcntl
+
+        self.path = directory / self.NAME
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot lock state directory {directory}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise ConfigError(
+                f"state directory {directory} is in use by {holder or 'another process'}; "
+                "two VMs must not share card state (give each its own state_dir)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{label} (pid {os.getpid()})\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock

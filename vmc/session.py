@@ -39,16 +39,25 @@ Readers are known by their *index* (their position in the reader list, stable fr
 the host's reader id is learnt in step 3.  Requests carry a ``token`` so that an answer that
 arrives after the card was removed (a slow blocking card) is recognised and dropped.
 
+Readers can also come and go while the session runs (a host reader plugged in or pulled
+out): :meth:`VscSession.add_reader` offers a new one, :meth:`~VscSession.unplug_reader` sends
+CardRemove and ReaderRemove (after a response in flight), :meth:`~VscSession.replug_reader`
+offers it again.
+
+The engine never calls a card: it asks for card work with actions, and the adapter (the card
+host of :mod:`vmc.runtime`) decides how to run it.  Log lines a peer can cause are rate
+limited per session (:class:`vmc.throttle.LogThrottle`).
+
 The hot path
 ------------
-:meth:`VscSession.exchange_inline` is an optional shortcut for the adapter: when a read holds
-exactly one whole APDU frame for a reader whose card answers inline (registered with
-:meth:`~VscSession.set_inline_card`) and nothing else is going on (nothing buffered, queued,
-in flight, owed or being removed; no trace or debug logging), the card is called right there
-and the frame for the peer is returned: no action object, no output queue.  The result,
-output bytes and state alike, is the same as :meth:`receive_data` followed by the
-``Transmit`` -> :meth:`transmit_done`/:meth:`transmit_failed` round (a test compares them);
-in every other case it does nothing and returns None.
+:meth:`VscSession.fast_reader` is an optional shortcut for the adapter: when a read holds
+exactly one whole APDU frame for a reader marked inline (:meth:`~VscSession.set_inline`) and
+nothing else is going on (nothing buffered, queued, in flight, owed or being removed; no
+trace or debug logging), it names the reader; the adapter gets the card's answer at once and
+:meth:`~VscSession.fast_answer` (or :meth:`~VscSession.fast_failed`) returns the bytes for the
+peer: no action object, no output queue.  The result, output bytes and state alike, is the
+same as :meth:`receive_data` followed by the ``Transmit`` -> :meth:`transmit_done` /
+:meth:`transmit_failed` round (a test compares them).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ import enum
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ccidemu.errors import DecodeError
@@ -82,6 +91,7 @@ from ccidemu.vsc import (
     encode_vsc,
     split_version,
 )
+from vmc.throttle import LogThrottle
 
 __all__ = [
     "MAX_MESSAGE_LENGTH",
@@ -103,7 +113,11 @@ log = logging.getLogger(__name__)
 #: longer closes the session before a byte of it is buffered.
 MAX_MESSAGE_LENGTH = 4 + 3 + 65535 + 2
 
-_OUR_INIT_READER_ID = 0  # PROTOCOL-NOTES section 1: our Init carries reader id 0
+_OUR_INIT_READER_ID = 0  # docs/PROTOCOL.md, "VSCard": our Init carries reader id 0
+#: A request token is a counter above the reader index: unique, and O(1) back to its reader.
+_INDEX_BITS = 16
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+MAX_READERS = 1 << _INDEX_BITS
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,10 +204,6 @@ class _Ack(enum.Enum):
     READER_REMOVE = "ReaderRemove"
 
 
-#: A non-blocking card's transmit and the formatter of its exceptions (see set_inline_card).
-_Inline = tuple[Callable[[bytes], bytes], Callable[[Exception], str]]
-
-
 class _Reader:
     __slots__ = (
         "apdu_count",
@@ -210,6 +220,7 @@ class _Reader:
         "started",
         "state",
         "token",
+        "unplugged",
         "want_card",
     )
 
@@ -227,8 +238,9 @@ class _Reader:
         self.queue: deque[bytes] = deque()
         self.remove_after_flight = False
         self.apdu_count = 0
-        self.inline: _Inline | None = None
+        self.inline = False  # the adapter answers this reader's APDUs at once (fast path)
         self.redactor = Redactor()  # for log lines (traces have their own)
+        self.unplugged = False  # unplug_reader: removed, offered again by replug_reader
 
 
 class VscSession:
@@ -269,7 +281,6 @@ class VscSession:
             _Reader(i, name, flag)
             for i, (name, flag) in enumerate(zip(readers, flags, strict=True))
         ]
-        self._nreaders = len(self._readers)
         self._flushes: deque[int] = deque()  # reader ids of Flushes waiting for responses
         self._by_id: dict[int, _Reader] = {}
         self._acks: deque[tuple[_Ack, _Reader]] = deque()
@@ -286,6 +297,8 @@ class VscSession:
         self._closed: str | None = None
         self.apdus = 0
         self.errors = 0
+        self._now = 0.0  # the time of the latest input, for the log throttle
+        self._throttle = LogThrottle(log, label)
 
     # ---------------------------------------------------------------- state
 
@@ -296,6 +309,11 @@ class VscSession:
     @property
     def closed(self) -> bool:
         return self._closed is not None
+
+    @property
+    def has_output(self) -> bool:
+        """Bytes are queued for the peer (:meth:`data_to_send`)."""
+        return bool(self._out)
 
     @property
     def close_reason(self) -> str | None:
@@ -341,6 +359,7 @@ class VscSession:
         """Bytes from the peer.  Never raises: a broken stream becomes a :class:`Closed` action."""
         if self._closed is not None:
             return
+        self._now = now
         conn = self._conn
         # Fast path: exactly one whole APDU frame and nothing buffered (one guest APDU per
         # read is the common case).  Same result as the general path below.
@@ -387,26 +406,16 @@ class VscSession:
             self._actions.clear()
             self._out.clear()
 
-    def set_inline_card(
-        self,
-        index: int,
-        transmit: Callable[[bytes], bytes] | None,
-        failed: Callable[[Exception], str] | None = None,
-    ) -> None:
-        """Let :meth:`exchange_inline` call ``transmit`` for reader ``index`` (None: stop).
+    def set_inline(self, index: int, inline: bool) -> None:
+        """Whether the adapter answers reader ``index``'s APDUs at once (:meth:`fast_reader`)."""
+        self._reader(index).inline = inline
 
-        ``transmit`` must not block.  If it raises, ``failed(exc)`` gives the reason passed to
-        :meth:`transmit_failed` (default: the exception's type and text).
-        """
-        self._reader(index).inline = (
-            None if transmit is None else (transmit, failed or _exception_text)
-        )
-
-    def exchange_inline(self, data: bytearray, nbytes: int, now: float) -> bytes | None:
+    def fast_reader(self, data: bytes | bytearray | memoryview, nbytes: int) -> int:
         """The hot path (module docstring): ``data[:nbytes]`` is one read from the peer.
 
-        Returns the bytes for the peer when the read was handled here; None when nothing was
-        done (then give the read to :meth:`receive_data`).  No action is emitted.
+        Returns the index of the reader whose APDU it is when the read can take the hot path
+        (the APDU is ``data[12:nbytes]``), else -1 (give the read to :meth:`receive_data`).
+        Nothing changes here: follow with :meth:`fast_answer` or :meth:`fast_failed`.
         """
         if (
             nbytes < 12
@@ -417,39 +426,47 @@ class VscSession:
             or self._flushes
             or self._conn.buffered  # (a dead stream has closed the session: _closed is set)
         ):
-            return None
+            return -1
         type_, reader_id, length = self._header.unpack_from(data)
         if type_ != 7 or length + 12 != nbytes or length > self._max_length:
-            return None
+            return -1
         reader = self._by_id.get(reader_id)
         if (
             reader is None
-            or reader.inline is None
+            or not reader.inline
             or reader.in_flight is not None
             or reader.queue
             or not reader.inserted
             or reader.remove_after_flight
             or log.isEnabledFor(logging.DEBUG)
         ):
-            return None
-        command = bytes(data[12:nbytes])
+            return -1
+        return reader.index
+
+    def _fast_start(self, index: int, command: bytes, now: float) -> _Reader:
         # _on_apdu_data / _start_apdu without the Transmit action
+        reader = self._readers[index]
         reader.in_flight = command
         reader.started = now
         reader.apdu_count += 1
         self.apdus += 1
-        token = self._next_token * self._nreaders + reader.index  # see _token
-        self._next_token += 1
-        reader.token = token
-        transmit, failed = reader.inline
-        try:
-            response = transmit(command)
-        except Exception as exc:
-            self.transmit_failed(token, failed(exc), now)
-            return self.data_to_send()
+        self._token(reader)
+        return reader
+
+    def fast_answer(self, index: int, command: bytes, response: bytes, now: float) -> bytes:
+        """The card answered the hot-path APDU ``command``: the frame for the peer."""
+        reader = self._fast_start(index, command, now)
         # transmit_done + _after_flight for this case (nothing queued, no removal, no Flush)
         reader.in_flight = None
+        reader_id = reader.reader_id
+        assert reader_id is not None
         return self._header.pack(7, reader_id, len(response)) + response
+
+    def fast_failed(self, index: int, command: bytes, reason: str, now: float) -> bytes:
+        """The card could not answer the hot-path APDU: the bytes for the peer (an Error)."""
+        reader = self._fast_start(index, command, now)
+        self.transmit_failed(reader.token, reason, now)
+        return self.data_to_send()
 
     # ---------------------------------------------------------------- card side
 
@@ -499,7 +516,8 @@ class VscSession:
         command = reader.in_flight
         assert command is not None
         self.errors += 1
-        log.error("%s: reader %d: card failed to answer: %s", self.label, reader.index, reason)
+        self._throttle.log(now, logging.ERROR, "%s: reader %d: card failed to answer: %s",
+                           self.label, reader.index, reason)
         reader_id = reader.reader_id if reader.reader_id is not None else READER_ID_UNDEFINED
         self._send(VscError(reader_id, VscErrorCode.GENERAL_ERROR))
         if self._report:
@@ -545,6 +563,51 @@ class VscSession:
             else:
                 self._remove(reader)
 
+    def add_reader(self, name: str, present: bool, now: float) -> int:
+        """Offer one more reader (a host reader plugged in); its index.  ValueError when the
+        session is ending or has :data:`MAX_READERS`."""
+        if self._shutting_down or self._closed is not None:
+            raise ValueError("the session is shutting down")
+        if len(self._readers) >= MAX_READERS:
+            raise ValueError(f"a session takes at most {MAX_READERS} readers")
+        reader = _Reader(len(self._readers), name, present)
+        self._readers.append(reader)
+        if present and self._started:
+            self._power_on(reader)
+        if self._handshake_done:
+            self._add_next_reader()
+        return reader.index
+
+    def unplug_reader(self, index: int, now: float) -> None:
+        """The reader is gone: CardRemove and ReaderRemove (after a response in flight)."""
+        reader = self._reader(index)
+        if reader.unplugged:
+            return
+        reader.unplugged = True
+        reader.want_card = False
+        if reader.in_flight is not None:
+            reader.remove_after_flight = True
+        else:
+            self._remove(reader)
+
+    def replug_reader(self, index: int, present: bool, now: float) -> None:
+        """Offer an unplugged reader again (``present``: with a card in it)."""
+        reader = self._reader(index)
+        if not reader.unplugged:
+            raise ValueError(f"reader {index} is not unplugged")
+        if self._shutting_down or self._closed is not None:
+            raise ValueError("the session is shutting down")
+        if reader.state is ReaderState.ADDING or reader.remove_after_flight:
+            raise ValueError(f"reader {index} is still being removed")
+        reader.unplugged = False
+        reader.state = ReaderState.WAITING
+        reader.reader_id = None
+        reader.want_card = present
+        if present:
+            self._power_on(reader)
+        if self._handshake_done:
+            self._add_next_reader()
+
     # ---------------------------------------------------------------- internals
 
     def _reader(self, index: int) -> _Reader:
@@ -553,10 +616,13 @@ class VscSession:
         return self._readers[index]
 
     def _reader_for(self, token: int) -> _Reader | None:
-        # token = counter * len(readers) + index (see _token): O(1) whatever the reader count
+        # token = counter << 16 | index (see _token): O(1) whatever the reader count
         if not self._readers or token <= 0:
             return None
-        reader = self._readers[token % len(self._readers)]
+        index = token & _INDEX_MASK
+        if index >= len(self._readers):
+            return None
+        reader = self._readers[index]
         return reader if reader.token == token else None
 
     def _in_flight_for(self, token: int) -> _Reader | None:
@@ -566,7 +632,7 @@ class VscSession:
         return reader
 
     def _token(self, reader: _Reader) -> int:
-        token = self._next_token * self._nreaders + reader.index
+        token = self._next_token << _INDEX_BITS | reader.index
         self._next_token += 1
         reader.token = token
         return token
@@ -619,7 +685,7 @@ class VscSession:
             self._refuse(reader.reader_id, "no card in the reader")
         if had_card:
             self._actions.append(PowerOff(reader.index))
-        if self._shutting_down:
+        if self._shutting_down or reader.unplugged:
             if reader.state is ReaderState.ADDED:
                 assert reader.reader_id is not None
                 self._send(VscReaderRemove(reader.reader_id))
@@ -630,6 +696,8 @@ class VscSession:
             elif reader.state is ReaderState.WAITING:
                 reader.state = ReaderState.REMOVED
             # ADDING: removed when the host's answer arrives (see _on_error)
+            if not self._shutting_down:
+                self._add_next_reader()  # (the reader being added may have been this one)
         elif reader.want_card:  # re-inserted while the removal waited
             self._power_on(reader)
 
@@ -658,8 +726,16 @@ class VscSession:
     def _refuse(self, reader_id: int | None, why: str) -> None:
         rid = READER_ID_UNDEFINED if reader_id is None else reader_id
         self.errors += 1
-        log.warning("%s: reader id %d: APDU refused: %s", self.label, rid, why)
+        self._warn("%s: reader id %d: APDU refused: %s", self.label, rid, why)
         self._send(VscError(rid, VscErrorCode.GENERAL_ERROR))
+
+    def _warn(self, msg: str, *args: object) -> None:
+        """A warning a peer can cause (rate limited per session)."""
+        self._throttle.log(self._now, logging.WARNING, msg, *args)
+
+    def flush_log(self) -> None:
+        """Say how many log lines the rate limit suppressed (the session is ending)."""
+        self._throttle.flush()
 
     @property
     def _traffic(self) -> bool:
@@ -698,13 +774,14 @@ class VscSession:
         else:
             # Unknown types, and messages only a client sends (ReaderAdd, ATR, ...).
             self.errors += 1
-            log.warning("%s: unexpected message from the peer: %s", self.label,
-                        describe_vsc(msg))
+            self._warn("%s: unexpected message from the peer: %s", self.label,
+                       describe_vsc(msg))
             self._send(VscError(msg.reader_id, VscErrorCode.GENERAL_ERROR))
 
     def _on_init(self, msg: VscInit) -> None:
         if self._handshake_done:
-            log.debug("%s: extra Init from the peer ignored", self.label)
+            self._throttle.log(self._now, logging.DEBUG,
+                               "%s: extra Init from the peer ignored", self.label)
             return
         self._handshake_done = True
         major, middle, minor = split_version(msg.version)
@@ -730,10 +807,11 @@ class VscSession:
         code = msg.code
         if not self._acks:
             if code == VscErrorCode.SUCCESS:
-                log.debug("%s: unsolicited Error(SUCCESS) ignored", self.label)
+                self._throttle.log(self._now, logging.DEBUG,
+                               "%s: unsolicited Error(SUCCESS) ignored", self.label)
             else:
-                log.warning("%s: peer reports error %s (reader id %d)", self.label,
-                            _code_name(code), msg.reader_id)
+                self._warn("%s: peer reports error %s (reader id %d)", self.label,
+                           _code_name(code), msg.reader_id)
             return
         kind, reader = self._acks.popleft()
         ok = code == VscErrorCode.SUCCESS
@@ -745,7 +823,7 @@ class VscSession:
                 reader.state = ReaderState.ADDED
                 log.info("%s: reader %d %r added with id %d", self.label, reader.index,
                          reader.name, msg.reader_id)
-                if self._shutting_down:
+                if self._shutting_down or reader.unplugged:
                     self._remove(reader)
                 else:
                     self._maybe_send_atr(reader)
@@ -765,7 +843,7 @@ class VscSession:
                             reader.index, _code_name(code))
         elif not ok:
             self.errors += 1
-            log.warning("%s: reader %d: peer answered %s with %s", self.label, reader.index,
+            self._warn("%s: reader %d: peer answered %s with %s", self.label, reader.index,
                         kind.value, _code_name(code))
 
 

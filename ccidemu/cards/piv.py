@@ -447,6 +447,12 @@ INS_GENERATE_KEY_PAIR = 0x47
 INS_SET_MANAGEMENT_KEY = 0xFF  # YubiKey extension
 
 
+#: Instructions that compute with a private key or make one (CostHint).
+_HEAVY_INS = frozenset({0x87, 0x47, 0xFE})
+#: Instructions that may change the saved state (VERIFY counts failed tries).
+_WRITING_INS = frozenset({0x20, 0x24, 0x2C, 0xDB, 0xFF, 0xFA, 0xFB, 0xF6})
+
+
 def _block_cipher(algorithm: int, key: bytes) -> Cipher[modes.ECB]:
     if algorithm in (Algorithm.TDES, Algorithm.TDES_DEFAULT):
         return Cipher(TripleDES(key), modes.ECB())
@@ -531,6 +537,14 @@ class PivCard:
 
     def transmit(self, apdu: bytes) -> bytes:
         return self._dispatcher.process(apdu)
+
+    def costly(self, apdu: bytes) -> bool:
+        """:class:`ccidemu.card.CostHint`: private-key operations, key generation and, when
+        the state is saved to disk, every command that can change it."""
+        if len(apdu) < 2:
+            return False
+        ins = apdu[1]
+        return ins in _HEAVY_INS or (self._on_change is not None and ins in _WRITING_INS)
 
     # -- helpers --
 

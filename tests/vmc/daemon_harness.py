@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 from typing import Any
@@ -14,45 +13,22 @@ H = bytes.fromhex
 
 
 class RunningDaemon:
-    """A Daemon on an event loop in a background thread."""
+    """A started Daemon serving from a background thread."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.daemon = Daemon(config)
-        self.loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
+        self.daemon.start()  # raises ConfigError here, in the test's thread
+        self._thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
         self._thread.start()
-        if not self._started.wait(10):
-            raise TimeoutError("daemon did not start")
-        if self._error is not None:
-            raise self._error
 
-    def _main(self) -> None:
-        async def main() -> None:
-            try:
-                await self.daemon.start()
-            except BaseException as exc:
-                self._error = exc
-                self._started.set()
-                return
-            self._started.set()
-            await self.daemon.run()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    def call(self, func: Any, *args: Any) -> Any:
-        """Run ``func(*args)`` on the daemon's loop; its result."""
-        async def run() -> Any:
-            return func(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+    def request(self, request: dict[str, Any]) -> Any:
+        """A control request in process (ControlError on refusal)."""
+        return self.daemon.request(request)
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.daemon.request_stop)
-            self._thread.join(10)
+            self.daemon.request_stop()
+            self._thread.join(30)
             assert not self._thread.is_alive(), "daemon did not stop"
 
 

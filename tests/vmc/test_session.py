@@ -501,8 +501,8 @@ class _Driven:
         self.inline = inline
         self.hits = 0
         if inline:
-            for i, card in enumerate(self.cards):
-                self.engine.set_inline_card(i, card.transmit, _why)
+            for i in range(len(self.cards)):
+                self.engine.set_inline(i, True)
 
     def drain(self, now: float) -> list[object]:
         seen: list[object] = []
@@ -525,8 +525,15 @@ class _Driven:
         if kind == "read":
             assert isinstance(arg, bytes)
             out = None
-            if self.inline:
-                out = engine.exchange_inline(bytearray(arg), len(arg), now)
+            index = engine.fast_reader(bytearray(arg), len(arg)) if self.inline else -1
+            if index >= 0:  # the adapter's side of the hot path, as vmc.runtime.channel does
+                command = arg[12:]
+                try:
+                    response = self.cards[index].transmit(command)
+                except Exception as exc:
+                    out = engine.fast_failed(index, command, _why(exc), now)
+                else:
+                    out = engine.fast_answer(index, command, response, now)
             if out is not None:
                 self.hits += 1
                 assert engine.next_action() is None  # the hot path emits no action
@@ -534,6 +541,10 @@ class _Driven:
             engine.receive_data(arg, now)
         elif kind == "shutdown":
             engine.shutdown(now)
+        elif kind == "replug_reader":
+            assert isinstance(arg, int)
+            with contextlib.suppress(ValueError):
+                engine.replug_reader(arg, True, now)
         else:
             assert isinstance(arg, int)
             with contextlib.suppress(ValueError):
@@ -571,6 +582,8 @@ _ops = st.one_of(
     st.tuples(st.just("read"), _frames.map(lambda f: f[:7])),  # a partial frame
     st.tuples(st.just("read"), st.just(apdu(0, H("80e00000"))[:13])),
     st.tuples(st.sampled_from(["remove_card", "insert_card"]), st.integers(0, 1)),
+    st.tuples(st.just("unplug_reader"), st.integers(0, 1)),
+    st.tuples(st.just("replug_reader"), st.integers(0, 1)),
     st.tuples(st.just("shutdown"), st.just(0)),
 )
 
@@ -596,22 +609,57 @@ def test_exchange_inline_is_byte_identical_to_the_general_path(
         assert fast.state() == general.state(), op
 
 
-def test_exchange_inline_taken_for_a_lone_apdu_and_not_otherwise() -> None:
+def test_the_hot_path_is_taken_for_a_lone_apdu_and_not_otherwise() -> None:
     driven = _Driven(True, report=False)
     _setup(driven)
     e = driven.engine
-    assert e.exchange_inline(bytearray(apdu(0, H("80e0000002abcd"))), 19, 1.0) == apdu(
-        0, H("abcd9000")
-    )
-    failed = e.exchange_inline(bytearray(apdu(1, H("80ee0000"))), 16, 1.0)
-    assert failed == error(1, VscErrorCode.GENERAL_ERROR)
+    one = apdu(0, H("80e0000002abcd"))
+    assert e.fast_reader(bytearray(one), len(one)) == 0
+    assert e.fast_answer(0, one[12:], H("abcd9000"), 1.0) == apdu(0, H("abcd9000"))
+    failing = apdu(1, H("80ee0000"))
+    assert e.fast_reader(bytearray(failing), len(failing)) == 1
+    assert e.fast_failed(1, failing[12:], "card bug", 1.0) == error(1, VscErrorCode.GENERAL_ERROR)
     assert e.errors == 1 and e.apdus == 2
     two = apdu(0, H("80e00000")) * 2
-    assert e.exchange_inline(bytearray(two), len(two), 1.0) is None  # two frames: general path
-    assert e.exchange_inline(bytearray(apdu(5, H("80e00000"))), 16, 1.0) is None  # unknown id
-    e.set_inline_card(0, None)
-    assert e.exchange_inline(bytearray(apdu(0, H("80e00000"))), 16, 1.0) is None
+    assert e.fast_reader(bytearray(two), len(two)) == -1  # two frames: general path
+    unknown = apdu(5, H("80e00000"))
+    assert e.fast_reader(bytearray(unknown), len(unknown)) == -1  # unknown id
+    e.set_inline(0, False)
+    lone = apdu(0, H("80e00000"))
+    assert e.fast_reader(bytearray(lone), len(lone)) == -1
     assert e.next_action() is None and e.data_to_send() == b""
+
+
+def test_readers_come_and_go() -> None:
+    """add_reader offers a new reader at once; unplug sends CardRemove + ReaderRemove (after
+    the response in flight); replug offers it again with a new id."""
+    session = new_session()
+    handshake(session)
+    session.data_to_send()
+    index = session.add_reader("hot-plugged", True, 1.0)
+    assert index == 1
+    power_all(session)
+    assert session.data_to_send() == frame(3, 0, b"hot-plugged")
+    session.receive_data(error(1), 1.0)  # the host gives it id 1
+    assert session.data_to_send() == frame(5, 1, TRACE_ATR)
+    session.receive_data(error(1), 1.0)
+    session.receive_data(apdu(1, H("80e00000")), 1.0)
+    (transmit,) = actions(session)
+    assert isinstance(transmit, Transmit)
+    session.unplug_reader(1, 2.0)
+    assert session.data_to_send() == b""  # a response is owed: the removal waits
+    session.transmit_done(transmit.token, H("9000"), 2.0)
+    assert session.data_to_send() == apdu(1, H("9000")) + frame(6, 1) + frame(4, 1)
+    session.receive_data(error(1) + error(1), 2.0)
+    assert [r.state for r in session.readers()] == [ReaderState.ADDED, ReaderState.REMOVED]
+    session.receive_data(apdu(1, H("80e00000")), 2.5)  # the old id is gone
+    assert session.data_to_send() == error(1, VscErrorCode.GENERAL_ERROR)
+    session.replug_reader(1, True, 3.0)
+    power_all(session)
+    assert session.data_to_send() == frame(3, 0, b"hot-plugged")
+    session.receive_data(error(2), 3.0)
+    assert session.data_to_send() == frame(5, 2, TRACE_ATR)
+    assert session.readers()[1].reader_id == 2
 
 
 def test_a_peer_without_init_gets_the_reader_at_once() -> None:

@@ -3,26 +3,48 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 from pathlib import Path
 from typing import Any
 
 from ccidemu.cards import CardOptions
-from vmc.addr import parse_address
+from vmc.addr import UnixAddress, parse_address
+from vmc.config import (
+    DEFAULT_CARD,
+    DEFAULT_CONNECT,
+    ServeConfig,
+    SocketOptions,
+    parse_group,
+    parse_owner,
+    parse_socket_mode,
+)
 from vmc.control import parse_control_option
-from vmc.daemon import DEFAULT_CARD, DEFAULT_CONNECT, Daemon, ServeConfig
+from vmc.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
 _EPILOG = """\
-QEMU as chardev server (libvirt <smartcard mode='passthrough' type='tcp'> with
-source mode='bind'):  -chardev socket,id=ccid,host=127.0.0.1,port=2001,server=on,wait=off
-  -device usb-ccid -device ccid-card-passthru,chardev=ccid
-  ->  ccidemu serve --connect tcp:127.0.0.1:2001
-QEMU as chardev client:  -chardev socket,id=ccid,path=/run/vm1.sock,reconnect=1
-  ->  ccidemu serve --listen unix:/run/vm1.sock   (start ccidemu first)
+examples:
+  QEMU as chardev server (libvirt <smartcard mode='passthrough' type='tcp'> with
+  <source mode='bind'>):
+    qemu-system-x86_64 ... -device qemu-xhci -device usb-ccid \\
+      -chardev socket,id=ccid,host=127.0.0.1,port=2001,server=on,wait=off \\
+      -device ccid-card-passthru,chardev=ccid
+    ccidemu serve --connect tcp:127.0.0.1:2001 --card piv:
+  QEMU as chardev client (start ccidemu first):
+    ccidemu serve --listen unix:/run/ccidemu/vm1.sock --card piv:/etc/ccidemu/vm1
+    qemu-system-x86_64 ... -device qemu-xhci -device usb-ccid \\
+      -chardev socket,id=ccid,path=/run/ccidemu/vm1.sock,reconnect=1 \\
+      -device ccid-card-passthru,chardev=ccid
+  QEMU run by libvirt (user libvirt-qemu, group kvm):
+    ccidemu serve --listen unix:/run/ccidemu/vm1.sock --socket-group kvm --socket-mode 0660
+  many VMs from a file (see docs/CONFIG.md; 'ccidemu ctl reload' or SIGHUP re-reads it):
+    ccidemu serve --config /etc/ccidemu/serve.toml
+
+One VM per --connect/--listen; each --card is one reader of that VM.  QEMU's
+ccid-card-passthru takes one reader per usb-ccid device: for two readers give the VM two
+usb-ccid devices with two chardevs (two --listen/--connect addresses).
 """
 
 
@@ -31,65 +53,89 @@ def register(subparsers: Any) -> None:
         "serve",
         help="serve virtual readers to QEMU over chardev sockets",
         description="Attach virtual smartcard readers to QEMU VMs through the VSCard protocol "
-        "of QEMU's ccid-card-passthru chardev.  One session per VM connection; each --card "
-        "adds one reader (with its own card instance) to every session.",
+        "of QEMU's ccid-card-passthru chardev.  Each --connect/--listen address is one VM "
+        "with its own cards and card state (kept across reconnects); one connection at a "
+        "time per VM.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--connect", action="append", default=[], metavar="ADDR",
                    help="connect to QEMU's chardev server (tcp:HOST:PORT or unix:PATH); retried "
-                   "with backoff and after disconnects; repeatable")
+                   "with backoff and after disconnects; repeatable (one VM each)")
     p.add_argument("--listen", action="append", default=[], metavar="ADDR",
-                   help="accept QEMU chardev clients (tcp:HOST:PORT or unix:PATH, created mode "
-                   "0600); one session per connection; repeatable")
+                   help="accept QEMU's chardev client (tcp:HOST:PORT or unix:PATH, created mode "
+                   "0600 unless --socket-mode); repeatable (one VM each)")
     p.add_argument("--card", action="append", default=[], metavar="SPEC",
-                   help=f"a card per session, one reader each (default {DEFAULT_CARD}); "
+                   help=f"a card for every VM, one reader each (default {DEFAULT_CARD}); "
                    "repeatable")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="a TOML file of VMs ([vm.NAME] tables: listen/connect, cards, ...); "
+                   "re-read by 'ccidemu ctl reload' and SIGHUP")
     p.add_argument("--control", metavar="ADDR",
-                   help="control socket for 'ccidemu ctl' (default "
+                   help="unix control socket for 'ccidemu ctl' (default "
                    "$XDG_RUNTIME_DIR/ccidemu/control.sock; 'none' to disable)")
     p.add_argument("--trace", type=Path, metavar="FILE",
-                   help="append every APDU exchange to FILE as JSON Lines")
+                   help="append every APDU exchange to FILE as JSON Lines (created 0600)")
     p.add_argument("--trace-secrets", action="store_true",
-                   help="keep PINs (VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER data) "
-                   "in the trace instead of redacting them")
+                   help="keep secrets (PINs, PUKs, management keys, authentication witnesses "
+                   "and challenges, imported keys) in the trace instead of redacting them")
     p.add_argument("--state-dir", type=Path, metavar="DIR",
-                   help="where cards persist changed state")
-    p.add_argument("--read-only", action="store_true", help="never write card state to disk")
+                   help="where cards keep what the guest changes (PIN, keys, objects); with "
+                   "several VMs each gets a subdirectory")
+    p.add_argument("--read-only", action="store_true",
+                   help="never write card state (read what --state-dir has, keep changes in "
+                   "memory)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --listen tcp: address that other hosts can reach (any host "
                    "that reaches it gets the cards); without it only loopback is accepted")
+    p.add_argument("--socket-owner", metavar="USER",
+                   help="owner of the --listen unix sockets (default: the daemon's user)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group of the --listen unix sockets (e.g. kvm for libvirt's QEMU)")
+    p.add_argument("--socket-mode", metavar="MODE", default="0600",
+                   help="mode of the --listen unix sockets (default 0600; 0660 with "
+                   "--socket-group)")
+    p.add_argument("--card-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a blocking (passthrough) card that takes longer for one APDU fails "
+                   "that APDU (default 30)")
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     connect = [parse_address(a) for a in args.connect]
     listen = [parse_address(a) for a in args.listen]
-    if not connect and not listen:
+    if not connect and not listen and args.config is None:
         connect = [parse_address(DEFAULT_CONNECT)]
+    socket = SocketOptions(
+        owner=None if args.socket_owner is None else parse_owner(args.socket_owner,
+                                                                 "--socket-owner"),
+        group=None if args.socket_group is None else parse_group(args.socket_group,
+                                                                 "--socket-group"),
+        mode=parse_socket_mode(args.socket_mode, "--socket-mode"),
+    )
+    control = parse_control_option(args.control)
     return ServeConfig(
         connect=connect,
         listen=listen,
         cards=list(args.card) or [DEFAULT_CARD],
-        control=parse_control_option(args.control),
+        control=control if isinstance(control, UnixAddress) else None,
         trace=args.trace,
         trace_secrets=args.trace_secrets,
         allow_remote=args.allow_remote,
         card_options=CardOptions(state_dir=args.state_dir, read_only=args.read_only),
+        socket=socket,
+        config_file=args.config,
+        card_timeout=args.card_timeout,
     )
-
-
-async def _serve(config: ServeConfig) -> None:
-    daemon = Daemon(config)
-    await daemon.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, daemon.request_stop)
-    log.info("ready")
-    await daemon.run()
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    asyncio.run(_serve(config))
+    daemon = Daemon(config)
+    daemon.start()
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    log.info("ready")
+    daemon.serve_forever()
     return 0
