@@ -328,7 +328,8 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
             try:
                 options = replace(options, **{attribute: parse(table[key], key)})
             except ConfigError as exc:
-                raise source.error(where, key, str(exc).removeprefix(f"{key} ")) from None
+                message = str(exc).removeprefix(f"{key}: ").removeprefix(f"{key} ")
+                raise source.error(where, key, message) from None
             if mode != "listen" or not isinstance(address, UnixAddress):
                 raise source.error(where, key, "applies to unix listen sockets only")
     return VmConfig(

@@ -100,6 +100,8 @@ class Daemon:
         self._file_vms: list[VmConfig] = []
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._started = False
+        self._reload_pending = False
         self._closed = False
         self._sessions = 0
         self._sessions_total = 0
@@ -147,6 +149,9 @@ class Daemon:
                 log.info("control socket on %s", config.control)
 
         self.loop.call_in_loop(begin)
+        self._started = True
+        if self._reload_pending:
+            self.request_reload()
 
     def _apply_file_settings(self, settings: dict[str, Any]) -> None:
         config = self.config
@@ -169,8 +174,12 @@ class Daemon:
         self._stop.set()
 
     def request_reload(self) -> None:
-        """Re-read the config file (SIGHUP); errors are logged, nothing changes on a bad file."""
-        if self.loop.running:
+        """Re-read the config file (SIGHUP); errors are logged, nothing changes on a bad file.
+
+        Asked for while :meth:`start` runs, it happens right after start-up."""
+        self._reload_pending = True
+        if self.loop.running and self._started:
+            self._reload_pending = False
             self.loop.call_soon(lambda: self._reload(_log_reply))
 
     def close(self) -> None:
@@ -330,15 +339,16 @@ class Daemon:
     def session_started(self, vm: Vm, channel: VscChannel) -> None:
         self._sessions += 1
         self._sessions_total += 1
-        log.info("vm %s: connected (%s %s, peer %s)", vm.name, vm.config.mode,
-                 vm.config.address, channel.peer)
+        vm.throttle.log(time.monotonic(), logging.INFO, "vm %s: connected (%s %s, peer %s)",
+                        vm.name, vm.config.mode, vm.config.address, channel.peer)
 
     def session_ended(self, vm: Vm, channel: VscChannel, exc: Exception | None) -> None:
         self._sessions -= 1
         if channel.transport is not None:
             self._bytes[0] += channel.transport.bytes_in
             self._bytes[1] += channel.transport.bytes_out
-        log.info("vm %s: disconnected%s", vm.name, f": {exc}" if exc is not None else "")
+        vm.throttle.log(time.monotonic(), logging.INFO, "vm %s: disconnected%s", vm.name,
+                        f": {exc}" if exc is not None else "")
 
     # ---------------------------------------------------------------- control
 
@@ -493,7 +503,7 @@ class Daemon:
             raise ValueError("'vm' must name the VM to attach")
         if name in self.vms:
             raise ValueError(f"vm {name!r} exists already (detach it first)")
-        cards = request.get("cards") or [DEFAULT_CARD]
+        cards = request.get("cards") or list(self.config.cards) or [DEFAULT_CARD]
         if not isinstance(cards, list) or not all(isinstance(c, str) for c in cards):
             raise ValueError("'cards' must be a list of card specs")
         for spec in cards:

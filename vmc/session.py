@@ -253,6 +253,7 @@ class VscSession:
     ``peer_init``: the peer answers our Init with its own (QEMU's chardev does).  False for a
     peer that never sends one (the SPICE server drops QEMU's Init): the handshake is done as
     soon as ours is queued, and readers are added at once.
+    ``throttle``: the log rate limit to use (default: one of its own).
     """
 
     def __init__(
@@ -266,6 +267,7 @@ class VscSession:
         max_queue: int = 16,
         report_exchanges: bool = True,
         peer_init: bool = True,
+        throttle: LogThrottle | None = None,
     ) -> None:
         flags = list(present) if present is not None else [True] * len(readers)
         if len(flags) != len(readers):
@@ -298,7 +300,9 @@ class VscSession:
         self.apdus = 0
         self.errors = 0
         self._now = 0.0  # the time of the latest input, for the log throttle
-        self._throttle = LogThrottle(log, label)
+        #: rate limit of the log lines a peer can cause (shared by a VM's connections)
+        self._throttle = throttle if throttle is not None else LogThrottle(log, label)
+        self._owns_throttle = throttle is None
 
     # ---------------------------------------------------------------- state
 
@@ -352,7 +356,7 @@ class VscSession:
                 self._power_on(reader)
         if not self._peer_init:
             self._handshake_done = True
-            log.info("%s: handshake done (the peer sends no Init)", self.label)
+            self._info("%s: handshake done (the peer sends no Init)", self.label)
             self._add_next_reader()
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
@@ -648,7 +652,8 @@ class VscSession:
             return
         self._closed = reason
         self.errors += error
-        (log.error if error else log.info)("%s: closing: %s", self.label, reason)
+        self._throttle.log(self._now, logging.ERROR if error else logging.INFO,
+                           "%s: closing: %s", self.label, reason)
         self._actions.append(Closed(reason, error))
 
     def _power_on(self, reader: _Reader) -> None:
@@ -679,7 +684,7 @@ class VscSession:
             reader.inserted = False
             self._send(VscCardRemove(reader.reader_id))
             self._acks.append((_Ack.CARD_REMOVE, reader))
-            log.info("%s: reader %d: card removed", self.label, reader.index)
+            self._info("%s: reader %d: card removed", self.label, reader.index)
         while reader.queue:
             reader.queue.popleft()
             self._refuse(reader.reader_id, "no card in the reader")
@@ -692,7 +697,7 @@ class VscSession:
                 self._acks.append((_Ack.READER_REMOVE, reader))
                 del self._by_id[reader.reader_id]
                 reader.state = ReaderState.REMOVED
-                log.info("%s: reader %d removed", self.label, reader.index)
+                self._info("%s: reader %d removed", self.label, reader.index)
             elif reader.state is ReaderState.WAITING:
                 reader.state = ReaderState.REMOVED
             # ADDING: removed when the host's answer arrives (see _on_error)
@@ -729,13 +734,19 @@ class VscSession:
         self._warn("%s: reader id %d: APDU refused: %s", self.label, rid, why)
         self._send(VscError(rid, VscErrorCode.GENERAL_ERROR))
 
+    def _info(self, msg: str, *args: object) -> None:
+        """An info line a peer can cause by reconnecting (rate limited like warnings)."""
+        self._throttle.log(self._now, logging.INFO, msg, *args)
+
     def _warn(self, msg: str, *args: object) -> None:
         """A warning a peer can cause (rate limited per session)."""
         self._throttle.log(self._now, logging.WARNING, msg, *args)
 
     def flush_log(self) -> None:
-        """Say how many log lines the rate limit suppressed (the session is ending)."""
-        self._throttle.flush()
+        """Say how many log lines the rate limit suppressed (the session is ending); a shared
+        limit is its owner's to flush."""
+        if self._owns_throttle:
+            self._throttle.flush()
 
     @property
     def _traffic(self) -> bool:
@@ -786,9 +797,9 @@ class VscSession:
         self._handshake_done = True
         major, middle, minor = split_version(msg.version)
         if msg.version != VscInit(0).version:
-            log.warning("%s: peer speaks VSCard %d.%d.%d; continuing", self.label, major,
+            self._warn("%s: peer speaks VSCard %d.%d.%d; continuing", self.label, major,
                         middle, minor)
-        log.info("%s: handshake done (peer VSCard %d.%d.%d)", self.label, major, middle, minor)
+        self._info("%s: handshake done (peer VSCard %d.%d.%d)", self.label, major, middle, minor)
         if not self._shutting_down:
             self._add_next_reader()
 
@@ -821,7 +832,7 @@ class VscSession:
                 reader.reader_id = msg.reader_id
                 self._by_id[msg.reader_id] = reader
                 reader.state = ReaderState.ADDED
-                log.info("%s: reader %d %r added with id %d", self.label, reader.index,
+                self._info("%s: reader %d %r added with id %d", self.label, reader.index,
                          reader.name, msg.reader_id)
                 if self._shutting_down or reader.unplugged:
                     self._remove(reader)
@@ -830,16 +841,16 @@ class VscSession:
             else:
                 reader.state = ReaderState.REFUSED
                 self.errors += 1
-                log.warning("%s: peer refused reader %d %r: %s (reader id %d)", self.label,
+                self._warn("%s: peer refused reader %d %r: %s (reader id %d)", self.label,
                             reader.index, reader.name, _code_name(code), msg.reader_id)
             self._add_next_reader()
         elif kind is _Ack.ATR:
             if ok:
-                log.info("%s: reader %d: card inserted, ATR %s", self.label, reader.index,
+                self._info("%s: reader %d: card inserted, ATR %s", self.label, reader.index,
                          (reader.atr or b"").hex().upper())
             else:
                 self.errors += 1
-                log.warning("%s: reader %d: peer rejected the ATR: %s", self.label,
+                self._warn("%s: reader %d: peer rejected the ATR: %s", self.label,
                             reader.index, _code_name(code))
         elif not ok:
             self.errors += 1

@@ -4,7 +4,7 @@ A hostile guest can send malformed frames, unknown messages or connections as fa
 likes; each would cost a log line, and a disk fills.  A :class:`LogThrottle` lets ``burst``
 lines through, then refills at ``rate`` lines per second (a token bucket); lines over the limit
 are counted, and the next line that gets through (or :meth:`LogThrottle.flush`) first says how
-many were suppressed.  Pure: the time is passed in.
+many were suppressed, and what the last of them said.  Pure: the time is passed in.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ __all__ = ["LogThrottle"]
 class LogThrottle:
     """Token-bucket limit on one source's log lines (see the module docstring)."""
 
-    __slots__ = ("_logger", "_tokens", "_updated", "burst", "label", "rate", "suppressed")
+    __slots__ = ("_last", "_logger", "_tokens", "_updated", "burst", "label", "rate",
+                 "suppressed")
 
     def __init__(
-        self, logger: logging.Logger, label: str, *, burst: int = 20, rate: float = 1.0
+        self, logger: logging.Logger, label: str, *, burst: int = 50, rate: float = 2.0
     ) -> None:
         self._logger = logger
         self.label = label
@@ -28,6 +29,7 @@ class LogThrottle:
         self.rate = rate
         self._tokens = float(burst)
         self._updated: float | None = None
+        self._last: tuple[str, tuple[object, ...]] = ("", ())
         self.suppressed = 0
 
     def log(self, now: float, level: int, msg: str, *args: object) -> bool:
@@ -40,6 +42,7 @@ class LogThrottle:
         self._updated = now
         if self._tokens < 1.0:
             self.suppressed += 1
+            self._last = (msg, args)
             return False
         self._tokens -= 1.0
         if self.suppressed:
@@ -54,5 +57,10 @@ class LogThrottle:
 
     def _summary(self, level: int) -> None:
         count, self.suppressed = self.suppressed, 0
-        self._logger.log(level, "%s: %d similar log line%s suppressed (rate limit)",
-                         self.label, count, "" if count == 1 else "s")
+        msg, args = self._last
+        try:
+            last = msg % args
+        except (TypeError, ValueError):
+            last = msg
+        self._logger.log(level, "%s: %d log line%s suppressed (rate limit); the last: %s",
+                         self.label, count, "" if count == 1 else "s", last[:300])

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from ccidemu import rawrsa
 from ccidemu.apdu import CommandApdu
 from ccidemu.atr import compute_tck
 from ccidemu.cards.iso import IsoDispatcher
@@ -327,12 +328,12 @@ def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
        ``Prehashed`` when T is a known DigestInfo, else (TLS 1.0 MD5+SHA-1, unknown
        hashes) with ``NoDigestInfo`` (cryptography 47 and later);
     2. anything else (decryption of type 2 / OAEP blocks, host-side PSS, raw blocks)
-       is computed here with Python integers (CRT, about 5 ms for RSA-2048).  The
-       result cannot be had from ``key.decrypt``: it returns the message without the
-       random padding the card must give back.  Python's ``pow`` is not constant-time;
-       the input is blinded (c * r^e, result times r^-1) so the timing does not follow
-       the host's input, but the exponent's own timing is not hidden.  Acceptable for a
-       test emulator whose keys are files on the same host; not a hardware token.
+       goes to OpenSSL's unpadded private operation (:mod:`ccidemu.rawrsa`; the result
+       cannot be had from ``key.decrypt``: it returns the message without the random
+       padding the card must give back);
+    3. without OpenSSL 3, Python integers (CRT, about 5 ms for RSA-2048, blinded: c * r^e,
+       result times r^-1, so the timing does not follow the host's input, though the
+       exponent's own timing is not hidden).
     """
     k = (key.key_size + 7) // 8
     if len(block) != k:
@@ -347,7 +348,13 @@ def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
                     return key.sign(info[prefix_len:], _PKCS1V15, algorithm)
             if _NO_DIGEST_INFO is not None:
                 return key.sign(info, _PKCS1V15, _NO_DIGEST_INFO)
-    numbers = key.private_numbers()
+    try:
+        result = rawrsa.private_operation(key, block)  # OpenSSL: ~1 ms, GIL released
+    except ValueError:
+        raise StatusWordError(SW.WRONG_DATA, "RSA input not below the modulus") from None
+    if result is not None:
+        return result
+    numbers = key.private_numbers()  # no OpenSSL 3: Python integers
     public = numbers.public_numbers
     n = public.n
     c = int.from_bytes(block, "big")

@@ -109,6 +109,7 @@ class CardConfig:
 
 
 def _read(path: Path, slot: str) -> bytes:
+    _note(path)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -292,6 +293,7 @@ def _hex(value: Any, what: str, path: Path) -> bytes:
 
 def load_profile(path: Path) -> CardConfig:
     """A card from a TOML profile (see the module docstring)."""
+    _note(path)
     try:
         profile = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -370,7 +372,68 @@ def load_profile(path: Path) -> CardConfig:
     return CardConfig(source, label, state, certs)
 
 
+# --- parsed once per spec ---------------------------------------------------------------
+#
+# Parsing a card's files (loading and checking its keys) takes tens of milliseconds; a daemon
+# serving a thousand VMs with the same card spec parses it once.  A cached parse is reused
+# while every file it read (and the directory listing, for a directory card) is unchanged;
+# each VM still gets its own copy of the state (StateStore.load copies).
+
+_reading: list[Path] | None = None
+_CACHE: dict[str, tuple[list[Path], tuple[object, ...], CardConfig]] = {}
+_CACHE_SIZE = 64
+
+
+def _note(path: Path) -> None:
+    if _reading is not None:
+        _reading.append(path)
+
+
+def _signature(paths: list[Path], directory: Path | None) -> tuple[object, ...]:
+    items: list[object] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            items.append((str(path), None))
+            continue
+        items.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+    if directory is not None:
+        try:
+            items.append(tuple(sorted(p.name for p in directory.iterdir())))
+        except OSError:
+            items.append(None)
+    return tuple(items)
+
+
 def load_config(argument: str) -> CardConfig:
+    """The card an argument of ``piv:`` names (empty = the demo card); parsed once while its
+    files stay the same (see above)."""
+    global _reading
+    directory = _directory_of(argument)
+    hit = _CACHE.get(argument)
+    if hit is not None:
+        paths, signature, cached = hit
+        if _signature(paths, directory) == signature:
+            return cached
+    _reading = []
+    try:
+        config = _load_config(argument)
+        read = list(_reading)
+    finally:
+        _reading = None
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[argument] = (read, _signature(read, directory), config)
+    return config
+
+
+def _directory_of(argument: str) -> Path | None:
+    path = demo_directory() if not argument else Path(argument).expanduser()
+    return path if path.is_dir() else None
+
+
+def _load_config(argument: str) -> CardConfig:
     """The card an argument of ``piv:`` names (empty = the demo card)."""
     if not argument:
         directory = demo_directory()

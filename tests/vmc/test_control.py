@@ -60,19 +60,23 @@ def test_unreachable_daemon_is_a_clear_control_error(tmp_path: Path) -> None:
 
 def test_format_sessions_table() -> None:
     text = format_sessions([
-        {"session": 1, "mode": "connect", "address": "tcp:127.0.0.1:2001", "peer": None,
-         "connected": False,
+        {"session": 1, "vm": "vm1", "mode": "connect", "address": "tcp:127.0.0.1:2001",
+         "peer": None, "connected": False,
          "readers": [{"reader": 0, "reader_id": None, "card": "PIV (demo)", "present": True,
                       "apdus": 0}]},
-        {"session": 2, "mode": "listen", "address": "unix:/run/vm.sock", "peer": "local",
-         "connected": True,
+        {"session": 2, "vm": "alice", "mode": "listen", "address": "unix:/run/vm.sock",
+         "peer": "local", "connected": True, "listening": True,
          "readers": [{"reader": 0, "reader_id": 0, "card": "built-in test card",
                       "present": False, "apdus": 7}]},
+        {"session": 3, "vm": "bob", "mode": "listen", "address": "unix:/run/bob.sock",
+         "peer": None, "connected": False, "listening": True, "readers": []},
     ])
     lines = text.splitlines()
     assert lines[0].split() == [
-        "SESSION", "MODE", "ADDRESS", "PEER", "READER", "ID", "CARD", "PRESENT", "APDUS"
+        "ID", "VM", "MODE", "ADDRESS", "PEER", "READER", "RID", "CARD", "PRESENT", "APDUS"
     ]
-    assert lines[1].split()[:6] == ["1", "connect", "tcp:127.0.0.1:2001", "(offline)", "0", "-"]
-    assert lines[2].split()[-2:] == ["no", "7"]
-    assert format_sessions([]) == "no sessions"
+    assert lines[1].split()[:7] == ["1", "vm1", "connect", "tcp:127.0.0.1:2001", "(offline)",
+                                    "0", "-"]
+    assert lines[2].split()[-2:] == ["no", "7"] and lines[2].split()[4] == "local"
+    assert lines[3].split()[:5] == ["3", "bob", "listen", "unix:/run/bob.sock", "(listening)"]
+    assert format_sessions([]) == "no VMs"

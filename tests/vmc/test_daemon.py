@@ -428,7 +428,7 @@ def test_ctl_command_line(tmp: Path, daemons: list[RunningDaemon]) -> None:
             return out.stdout
 
         table = ctl_run("list")
-        assert "SESSION" in table and str(addr) in table and "built-in test card" in table
+        assert "VM" in table and str(addr) in table and "built-in test card" in table
         listed = json.loads(ctl_run("--json", "list"))
         sid = listed[0]["session"]
         assert json.loads(ctl_run("--json", "remove", str(sid), "0"))["readers"][0][

@@ -9,7 +9,8 @@ the CLI only when their name is asked for, so optional dependencies stay optiona
 COMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("vmc.commands.decode", "decode VSCard, CCID, APDU or ATR bytes into readable text"),
     "serve": ("vmc.commands.serve", "serve virtual readers to QEMU over chardev sockets"),
-    "ctl": ("vmc.commands.ctl", "control a running 'ccidemu serve': list, insert, remove, stats"),
+    "ctl": ("vmc.commands.ctl",
+            "control a running 'ccidemu serve': list, insert, remove, attach, detach, reload"),
     "fake-qemu": ("vmc.commands.fake_qemu", "play QEMU's side of ccid-card-passthru for tests"),
     "certs": ("vmc.commands.certs", "generate test CA, certificates and keys for emulated cards"),
     "vpcd": ("vmc.commands.vpcd", "bridge a card to vsmartcard's vpcd for the host's pcscd"),

@@ -132,10 +132,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     daemon = Daemon(config)
-    daemon.start()
+    # Before start(): a signal that arrives while it runs must not kill the daemon (a SIGHUP
+    # then is moot: start reads the file anyway; a SIGTERM stops it once started).
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    daemon.start()
     log.info("ready")
     daemon.serve_forever()
     return 0

@@ -34,6 +34,7 @@ from vmc.session import (
     Transmit,
     VscSession,
 )
+from vmc.throttle import LogThrottle
 
 __all__ = ["ChannelOwner", "ChannelStats", "VscChannel"]
 
@@ -76,6 +77,7 @@ class VscChannel:
         tracing: bool,
         byteorder: str = "big",
         peer_init: bool = True,
+        throttle: LogThrottle | None = None,
     ) -> None:
         self.owner = owner
         self.host = host
@@ -83,7 +85,7 @@ class VscChannel:
         self.label = label
         self.engine = VscSession(
             [], label=label, report_exchanges=tracing, byteorder=byteorder,  # type: ignore[arg-type]
-            peer_init=peer_init,
+            peer_init=peer_init, throttle=throttle,
         )
         self.transport: StreamTransport | None = None
         self.active = False  # serving the VM's readers

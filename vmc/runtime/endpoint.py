@@ -97,7 +97,7 @@ class Vm:
         self.sessions_total = 0
         self.closed = False
         self.errors_seen = 0
-        self._throttle = LogThrottle(log, f"vm {config.name}")
+        self.throttle = LogThrottle(log, f"vm {config.name}")
         self._timers: dict[int, Timer] = {}
         self._serial = 0
 
@@ -158,7 +158,7 @@ class Vm:
         if self.state_lock is not None:
             self.state_lock.release()
             self.state_lock = None
-        self._throttle.flush()
+        self.throttle.flush()
 
     # ---------------------------------------------------------------- connections
 
@@ -168,7 +168,7 @@ class Vm:
             return
         if len(self.pending) >= MAX_PENDING:
             oldest = self.pending.popleft()
-            self._throttle.log(time.monotonic(), logging.WARNING,
+            self.throttle.log(time.monotonic(), logging.WARNING,
                                "vm %s: %d connections waiting for their handshake; closing "
                                "the oldest (%s)", self.name, MAX_PENDING + 1, oldest.peer)
             oldest.close()
@@ -183,7 +183,8 @@ class Vm:
     def _new_channel(self, sock: socket.socket) -> None:
         self._serial += 1
         channel = VscChannel(self, self.daemon.host, self.daemon.stats,
-                             label=f"vm {self.name}", tracing=self.daemon.tracing)
+                             label=f"vm {self.name}", tracing=self.daemon.tracing,
+                             throttle=self.throttle)
         self.pending.append(channel)
         transport = StreamTransport(self.daemon.loop, sock, channel)
         key = id(channel)
@@ -195,7 +196,7 @@ class Vm:
         self._timers.pop(id(channel), None)
         if channel.active or channel.dead:
             return
-        self._throttle.log(time.monotonic(), logging.WARNING,
+        self.throttle.log(time.monotonic(), logging.WARNING,
                            "vm %s: %s sent no VSCard Init within %.0f s; closing it",
                            self.name, channel.peer, HANDSHAKE_TIMEOUT)
         channel.close()
@@ -210,7 +211,7 @@ class Vm:
         if self.closed:
             return False
         if self.channel is not None:
-            self._throttle.log(time.monotonic(), logging.WARNING,
+            self.throttle.log(time.monotonic(), logging.WARNING,
                                "vm %s: a second connection (%s) waits: %s is connected, and "
                                "a VM has one connection at a time", self.name, channel.peer,
                                self.channel.peer)
@@ -231,7 +232,7 @@ class Vm:
         self._timers.pop(id(channel), None)
         if channel in self.standby:
             self.standby.remove(channel)
-            self._throttle.log(time.monotonic(), logging.WARNING,
+            self.throttle.log(time.monotonic(), logging.WARNING,
                                "vm %s: closing the second connection (%s): the first is "
                                "still connected", self.name, channel.peer)
             channel.close()

@@ -31,7 +31,7 @@ from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.runtime.loop import READ, WRITE, Loop, Timer
 from vmc.sockets import Backoff, set_nodelay
 
-__all__ = ["Connector", "Listener", "StreamProtocol", "StreamTransport"]
+__all__ = ["AcceptPause", "Connector", "Listener", "StreamProtocol", "StreamTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,53 @@ class StreamTransport:
             self.protocol.connection_lost(exc)
 
 
+class AcceptPause:
+    """Running out of file descriptors is the process's problem, not one listener's: every
+    listener of the loop pauses together, with one log line per pause and a backoff."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self.listeners: set[Listener] = set()
+        self._timer: Timer | None = None
+        self._backoff = Backoff(0.05, 5.0)
+        self.pauses = 0
+
+    @property
+    def paused(self) -> bool:
+        return self._timer is not None
+
+    def pause(self, address: Address, exc: OSError) -> None:
+        if self._timer is not None:
+            return
+        self.pauses += 1
+        delay = self._backoff.next()
+        log.error("cannot accept on %s: %s; pausing new connections on every listener for "
+                  "%.2f s (connected VMs are not affected)", address, exc.strerror or exc,
+                  delay)
+        for listener in self.listeners:
+            listener.suspend()
+        self._timer = self._loop.call_later(delay, self._resume)
+
+    def accepted(self) -> None:
+        if self._timer is None:
+            self._backoff.reset()
+
+    def _resume(self) -> None:
+        self._timer = None
+        for listener in list(self.listeners):
+            listener.resume()
+
+
+def accept_pause(loop: Loop) -> AcceptPause:
+    """The loop's one :class:`AcceptPause`."""
+    pause = getattr(loop, "_accept_pause", None)
+    if pause is None:
+        pause = AcceptPause(loop)
+        loop._accept_pause = pause  # type: ignore[attr-defined]
+    assert isinstance(pause, AcceptPause)
+    return pause
+
+
 class Listener:
     """Accepts connections on listening sockets in the loop (see the module docstring)."""
 
@@ -158,13 +205,14 @@ class Listener:
         self.socks = socks
         self.address = address
         self._on_accept = on_accept
-        self._paused: Timer | None = None
-        self._backoff = Backoff(0.05, 5.0)
-        self.fd_errors = 0
+        self._pause = accept_pause(loop)
         self.closed = False
+        self._registered = False
         for sock in socks:
             sock.setblocking(False)
-            loop.register(sock, READ, self._callback(sock))
+        self._pause.listeners.add(self)
+        if not self._pause.paused:
+            self.resume()
 
     def _callback(self, sock: socket.socket) -> Callable[[int], None]:
         def on_events(events: int) -> None:
@@ -172,9 +220,21 @@ class Listener:
 
         return on_events
 
+    def suspend(self) -> None:
+        if self._registered:
+            for sock in self.socks:
+                self._loop.unregister(sock)
+            self._registered = False
+
+    def resume(self) -> None:
+        if not self._registered and not self.closed:
+            for sock in self.socks:
+                self._loop.register(sock, READ, self._callback(sock))
+            self._registered = True
+
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(64):  # a burst at a time, then let the loop serve everyone else
-            if self.closed or self._paused is not None:
+            if self.closed or not self._registered:
                 return
             try:
                 conn, _ = sock.accept()
@@ -182,39 +242,20 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in _FD_ERRORS:
-                    self._pause(exc)
+                    self._pause.pause(self.address, exc)
                 else:
                     log.warning("%s: accept failed: %s", self.address, exc)
                 return
-            self._backoff.reset()
+            self._pause.accepted()
             conn.setblocking(False)
             set_nodelay(conn)
             self._on_accept(conn)
 
-    def _pause(self, exc: OSError) -> None:
-        """Out of file descriptors: stop accepting for a while, log once for the pause."""
-        self.fd_errors += 1
-        delay = self._backoff.next()
-        log.error("%s: cannot accept: %s; pausing new connections for %.2f s (connected VMs "
-                  "are not affected)", self.address, exc.strerror or exc, delay)
-        for sock in self.socks:
-            self._loop.unregister(sock)
-
-        def resume() -> None:
-            self._paused = None
-            if self.closed:
-                return
-            for s in self.socks:
-                self._loop.register(s, READ, self._callback(s))
-
-        self._paused = self._loop.call_later(delay, resume)
-
     def close(self) -> None:
         self.closed = True
-        if self._paused is not None:
-            self._paused.cancel()
+        self.suspend()
+        self._pause.listeners.discard(self)
         for sock in self.socks:
-            self._loop.unregister(sock)
             with contextlib.suppress(OSError):
                 sock.close()
 
