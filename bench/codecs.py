@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 VSC_TARGET_RATE = 100_000
 VSC_TARGET_RATIO = 3.0
 
-# PROTOCOL-NOTES section 1: the guest's SELECT as QEMU sends it (big-endian VSCard APDU).
+# docs/PROTOCOL.md, "VSCard": the guest's SELECT as QEMU sends it (big-endian VSCard APDU).
 VSC_FRAME = bytes.fromhex("00000007 00000000 0000000c 00a4040007a0000000031010")
 # The same SELECT (case 4, Le 00) inside a CCID PC_to_RDR_XfrBlock (CCID 1.1 section 6.1.4).
 APDU = bytes.fromhex("00a4040007a000000003101000")

@@ -1,7 +1,7 @@
 """vpcd: the wire protocol between vsmartcard's pcscd driver and a virtual card.
 
 Spec: frankmorgner/vsmartcard ``virtualsmartcard/doc/api.txt`` and ``src/vpcd/vpcd.c``
-(Debian 12 package ``vsmartcard-vpcd`` 3.3); behaviour notes in PROTOCOL-NOTES section 3.
+(Debian 12 package ``vsmartcard-vpcd`` 3.3); behaviour notes in docs/PROTOCOL.md, "vpcd".
 
 vpcd (a pcscd reader driver) listens on TCP (35963 for reader "Virtual PCD 00 00"); the card
 connects.  Both directions carry frames of a 2-byte big-endian length followed by that many

@@ -1,7 +1,7 @@
 """VSCard: the virtual smartcard protocol on QEMU's ``ccid-card-passthru`` chardev.
 
 Spec: spice-libcacard ``src/vscard_common.h`` (also ``libcacard/vscard_common.h`` in old QEMU
-trees); behaviour of QEMU 7.2 in docs/PROTOCOL-NOTES section 1.
+trees); behaviour of QEMU 7.2 in docs/PROTOCOL.md, "VSCard".
 
 Every message is a 12-byte header ``u32 type, u32 reader_id, u32 length`` followed by ``length``
 payload bytes.  The header (and the u32 fields of Init and Error payloads) is big-endian on a

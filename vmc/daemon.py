@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -119,6 +120,7 @@ class Daemon:
         if not vms:
             raise ConfigError("nothing to serve: give --connect, --listen or --config")
         _check_unique(vms)
+        _raise_descriptor_limit(len(vms))
         if config.control is not None:
             check_control_path(config.control)
         prepared: list[_Prepared] = []
@@ -159,7 +161,7 @@ class Daemon:
             config.trace = settings["trace"]
         if settings.get("trace_secrets"):
             config.trace_secrets = True
-        if "card_timeout" in settings:
+        if "card_timeout" in settings and config.card_timeout == 30.0:  # not given on the CLI
             config.card_timeout = settings["card_timeout"]
             self.host.timeout = config.card_timeout
 
@@ -592,6 +594,21 @@ class Daemon:
             self._in_pool(lambda: self._prepare(config), started, failed)
 
         step()
+
+
+def _raise_descriptor_limit(vms: int) -> None:
+    """Each VM needs a few descriptors (a listener, a connection, pending ones): raise the
+    soft limit to the hard one, as servers do, and say so when even that looks short."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < 4 * vms + 64:
+        log.warning("%d VMs and only %d file descriptors (ulimit -n): VMs may be refused "
+                    "connections under load", vms, soft)
 
 
 def _log_reply(answer: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 For tests, benchmarks and users who want to drive a card-side peer (``ccidemu serve``,
 libcacard's ``vscclient``) without booting a guest.  Behaviour follows QEMU 7.2 as
-observed byte for byte in PROTOCOL-NOTES section 1 and ``hw/usb/ccid-card-passthru.c`` /
+observed byte for byte in docs/PROTOCOL.md, "VSCard" and ``hw/usb/ccid-card-passthru.c`` /
 ``hw/usb/dev-smartcard-reader.c``; CCID messages are USB CCID rev 1.1 (:mod:`ccidemu.ccid`).
 
 Theory of operation
@@ -107,7 +107,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: usb-ccid's bulk-in buffer; a DataBlock over this is a hardware error (PROTOCOL-NOTES 1).
+#: usb-ccid's bulk-in buffer; a bigger DataBlock is a hardware error (docs/PROTOCOL.md).
 BULK_IN_BUFFER = 384
 _MAX_RESPONSE = BULK_IN_BUFFER - 10
 #: bError for a bad bSlot: the offset of bSlot in the header (CCID 6.2.6).

@@ -3,7 +3,7 @@
 Sans-I/O: bytes from the peer and card answers go in, bytes for the peer and card requests
 come out; the current time is passed in as ``now`` (seconds, any monotonic clock).  The I/O
 adapter is :mod:`vmc.daemon`.  Spec: libcacard ``vscard_common.h``; QEMU 7.2's behaviour as
-recorded in PROTOCOL-NOTES section 1.
+recorded in docs/PROTOCOL.md, "VSCard".
 
 Theory of operation
 -------------------

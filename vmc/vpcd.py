@@ -6,7 +6,7 @@ arrives to a :class:`~ccidemu.vpcd.VpcdConnection`, let a :class:`~ccidemu.vpcd.
 answer, and reconnect with exponential backoff whenever pcscd (and with it vpcd) goes away.
 The card object, and so its state, lives across reconnects.
 
-Latency (PROTOCOL-NOTES section 3): Debian 12's vpcd writes the length and the APDU in two
+Latency (docs/PROTOCOL.md, "vpcd"): Debian 12's vpcd writes the length and the APDU in two
 ``send()`` calls; with Nagle on its side and delayed ACKs on ours every APDU stalls about
 40 ms.  The card's socket therefore sets ``TCP_NODELAY`` and re-arms ``TCP_QUICKACK`` (which
 Linux clears again after a while) before every ``recv``.

@@ -591,9 +591,9 @@ class PivCard:
         # fixes the unknown-AID case above), so either choice conforms; we reset as a
         # YubiKey does because (a) yubico-piv-tool relies on it (its "status" expects
         # VERIFY without data to answer 63Cx after its own SELECT) and (b) QEMU never
-        # passes guest resets to the card (PROTOCOL-NOTES section 1), so SELECT is the
+        # passes guest resets to the card (docs/PROTOCOL.md, "VSCard"), so SELECT is the
         # only sign a rebooted guest gives.  The Discovery object keeps OpenSC from
-        # re-SELECTing on every lock (PROTOCOL-NOTES section 5).  (Resetting the
+        # re-SELECTing on every lock (docs/PROTOCOL.md, "Real clients").  (Resetting the
         # dispatcher here is harmless: it dropped any pending response before this call,
         # and SELECT never arrives inside a command chain.)
         self._reset_security()

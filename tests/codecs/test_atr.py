@@ -24,14 +24,14 @@ IB = InterfaceBytes
 TRACE_HIST = H("804F0CA000000306030001000000 00")
 
 VECTORS = [
-    # PROTOCOL-NOTES section 1: the ATR sent to QEMU in the observed session.
+    # docs/PROTOCOL.md, "VSCard": the ATR sent to QEMU in the observed session.
     # T0=8F: TD1 only, K=15; TD1=80: T=0, TD2 follows; TD2=01: T=1 -> TCK required.
     pytest.param(
         Atr(0x3B, 0x8F, (IB(td=0x80), IB(td=0x01)), TRACE_HIST, 0x6A),
         H("3b8f8001804f0ca000000306030001000000006a"),
         {0, 1}, id="qemu-trace",
     ),
-    # PROTOCOL-NOTES section 5: libcacard's CAC ATR; TA1 TB1 TC1, T=0 only, no TCK.
+    # docs/PROTOCOL.md, "Real clients": libcacard's CAC ATR; TA1 TB1 TC1, T=0 only, no TCK.
     pytest.param(
         Atr(0x3B, 0x7A, (IB(0x18, 0x00, 0x00),), b"sfte cd144", None),
         H("3B 7A 18 00 00 73 66 74 65 20 63 64 31 34 34"),

@@ -71,7 +71,7 @@ VECTORS = [
     pytest.param(CcidIccPowerOff(0, 7), h("63 00000000 00 07 000000"), id="6.1.2-power-off"),
     # 6.1.3 GetSlotStatus
     pytest.param(CcidGetSlotStatus(1, 0xFF), h("65 00000000 01 ff 000000"), id="6.1.3-status"),
-    # 6.1.4 XfrBlock: bBWI 04, wLevelParameter 0x1234 LE; the PROTOCOL-NOTES SELECT APDU
+    # 6.1.4 XfrBlock: bBWI 04, wLevelParameter 0x1234 LE; the docs/PROTOCOL.md SELECT APDU
     pytest.param(CcidXfrBlock(0, 3, h("00a4040007a0000000031010")),
                  h("6f 0c000000 00 03 00 0000 00a4040007a0000000031010"), id="6.1.4-xfr"),
     pytest.param(CcidXfrBlock(0, 4, b"\x01", bwi=4, level_parameter=0x1234),
@@ -104,7 +104,7 @@ VECTORS = [
     # 6.1.14 SetDataRateAndClockFrequency: dwClockFrequency 4000 kHz, dwDataRate 9600
     pytest.param(CcidSetDataRateAndClockFrequency(0, 16, 4000, 9600),
                  h("73 08000000 00 10 000000 a00f0000 80250000"), id="6.1.14-set-rate"),
-    # 6.2.1 DataBlock: bStatus, bError, bChainParameter; the PROTOCOL-NOTES answer 9000
+    # 6.2.1 DataBlock: bStatus, bError, bChainParameter; the docs/PROTOCOL.md answer 9000
     pytest.param(CcidDataBlock(0, 3, OK, h("9000")), h("80 02000000 00 03 00 00 00 9000"),
                  id="6.2.1-data-block"),
     # 6.2.6: ICC absent (2) + command failed (1 << 6) = 0x42, bError FE ICC_MUTE

@@ -185,7 +185,7 @@ def test_version_split() -> None:
 
 
 def test_qemu_trace_from_protocol_notes() -> None:
-    """PROTOCOL-NOTES section 1, both directions of a QEMU 7.2 session, in order."""
+    """docs/PROTOCOL.md, "VSCard", both directions of a QEMU 7.2 session, in order."""
     lines = [
         line for line in SAMPLE.read_text().splitlines() if line and not line.startswith("#")
     ]

@@ -1,4 +1,4 @@
-"""vmc.fakeqemu: the core against PROTOCOL-NOTES section 1 byte for byte, the adapters
+"""vmc.fakeqemu: the core against docs/PROTOCOL.md, "VSCard" byte for byte, the adapters
 against a small card-side peer (ccidemu.vsc + BuiltinTestCard) over real sockets."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def inserted_core(mode: str = "client") -> FakeQemuCore:
 
 
 def test_protocol_notes_trace_client_mode() -> None:
-    """PROTOCOL-NOTES section 1, 'What QEMU 7.2 does', byte for byte."""
+    """docs/PROTOCOL.md, "VSCard", 'What QEMU 7.2 does', byte for byte."""
     core = FakeQemuCore("client")
     core.connected()
     assert core.data_to_send() == INIT_FROM_QEMU  # unsolicited Init

@@ -1,6 +1,6 @@
-"""The sans-I/O VSCard session engine (vmc.session) against PROTOCOL-NOTES section 1.
+"""The sans-I/O VSCard session engine (vmc.session) against docs/PROTOCOL.md, "VSCard".
 
-Wire bytes are written out by hand from the byte-for-byte QEMU 7.2 trace in PROTOCOL-NOTES
+Wire bytes are written out by hand from the byte-for-byte QEMU 7.2 trace in docs/PROTOCOL.md
 (vscard_common.h: big-endian u32 type, reader_id, length, then the payload).
 """
 
@@ -28,7 +28,7 @@ from vmc.session import (
 
 H = bytes.fromhex
 
-# PROTOCOL-NOTES section 1, "What QEMU 7.2 does", line by line.
+# docs/PROTOCOL.md, "VSCard", "What QEMU 7.2 does", line by line.
 QEMU_INIT = H("00000001 ffffffff 0000000c 56534344 00000002 00000000")
 OUR_INIT = H("00000001 00000000 0000000c 56534344 00000002 00000000")
 READER_ADD = H("00000003 00000000 0000000f 7673632d746573742d726561646572")  # "vsc-test-reader"
@@ -93,7 +93,7 @@ def single_transmit(session: VscSession) -> Transmit:
 
 
 def test_qemu_server_mode_trace_byte_for_byte() -> None:
-    """QEMU as chardev server sends nothing first; we speak first (PROTOCOL-NOTES 1)."""
+    """QEMU as chardev server sends nothing first; we speak first (docs/PROTOCOL.md, "VSCard")."""
     s = new_session()
     s.start(0.0)
     assert s.data_to_send() == OUR_INIT
@@ -240,7 +240,7 @@ def test_queue_is_bounded() -> None:
 
 
 def test_card_remove_deferred_while_response_in_flight() -> None:
-    """PROTOCOL-NOTES: never CardRemove while an APDU response is on its way."""
+    """docs/PROTOCOL.md: never CardRemove while an APDU response is on its way."""
     s = new_session()
     handshake(s)
     s.receive_data(GUEST_APDU, 0.0)

@@ -30,9 +30,15 @@ Reply = Callable[[dict[str, Any]], None]
 Handler = Callable[[dict[str, Any], "int | None", Reply], None]
 
 
+#: Control connections open at once; more are closed at once (a client loop that leaks them
+#: must not take the daemon's file descriptors).
+MAX_CONNECTIONS = 64
+
+
 class _ControlConnection:
     def __init__(self, server: ControlServer, sock: socket.socket) -> None:
         self._server = server
+        server.connections.add(self)
         self.peer_uid = _peer_uid(sock)
         self._buffer = bytearray()
         self._skipping = False  # inside an over-long line
@@ -65,8 +71,7 @@ class _ControlConnection:
                 self._request(line)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._buffer.strip() and not self._skipping:  # a last line without its newline
-            self._buffer.clear()
+        self._server.connections.discard(self)
 
     def _answer_now(self, answer: dict[str, Any]) -> None:
         slot: list[dict[str, Any]] = [answer]
@@ -98,6 +103,8 @@ class _ControlConnection:
     def _flush(self) -> None:
         while self._answers and self._answers[0]:
             self.transport.write(encode_line(self._answers.popleft()[0]))
+        if self.transport.closed:
+            self._server.connections.discard(self)
 
 
 class ControlServer:
@@ -106,9 +113,15 @@ class ControlServer:
     def __init__(self, loop: Loop, sock: socket.socket, address: Any, handler: Handler) -> None:
         self.loop = loop
         self.handler = handler
+        self.connections: set[_ControlConnection] = set()
         self._listener = Listener(loop, [sock], address, self._accepted)
 
     def _accepted(self, sock: socket.socket) -> None:
+        if len(self.connections) >= MAX_CONNECTIONS:
+            log.warning("control socket: %d connections open; refusing one more",
+                        len(self.connections))
+            sock.close()
+            return
         _ControlConnection(self, sock)
 
     def close(self) -> None:
