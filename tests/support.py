@@ -50,12 +50,28 @@ _RECEIVED_RE = re.compile(r"^Received \(SW1=0x([0-9a-fA-F]{2}), SW2=0x([0-9a-fA-
 _HEX_PAIR_RE = re.compile(r"^[0-9A-Fa-f]{2}$")
 
 
+def _dump_row(row: str) -> bytes | None:
+    """The bytes of one row of opensc-tool's hex dump, or None if it is not one.
+
+    A row is k hex pairs each followed by a space, then spaces (opensc-tool pads the last
+    row of a multi-row dump to 16 columns, not a one-row dump), then the k-character ASCII
+    column (which may itself look like hex).  The largest k that fits is the row.
+    """
+    row = row.rstrip("\r")
+    for k in range(min(16, len(row) // 4), 0, -1):
+        hex_field = row[: 3 * k]
+        if (all(_HEX_PAIR_RE.match(hex_field[3 * i : 3 * i + 2]) and hex_field[3 * i + 2] == " "
+                for i in range(k))
+                and not row[3 * k : len(row) - k].strip()):
+            return bytes(int(hex_field[3 * i : 3 * i + 2], 16) for i in range(k))
+    return None
+
+
 def opensc_responses(output: str) -> list[bytes]:
     """The response APDUs (data + SW1 SW2) in the output of ``opensc-tool -s ... -s ...``.
 
     opensc-tool prints ``Received (SW1=0x90, SW2=0x00):`` and then a hex dump of the data,
-    16 bytes a line followed by an ASCII column.  Keep the data short and make its first
-    ASCII character non-hex (a byte below 0x20, shown as '.') so the columns cannot mix.
+    16 bytes a row followed by an ASCII column (see :func:`_dump_row`).
     """
     responses: list[bytes] = []
     lines = output.splitlines()
@@ -67,9 +83,9 @@ def opensc_responses(output: str) -> list[bytes]:
         for row in lines[i + 1:]:
             if row.startswith(("Sending:", "Received")) or not row.strip():
                 break
-            for token in row.split():
-                if not _HEX_PAIR_RE.match(token):
-                    break
-                data.append(int(token, 16))
+            got = _dump_row(row)
+            if got is None:
+                break
+            data += got
         responses.append(bytes(data) + bytes.fromhex(m.group(1) + m.group(2)))
     return responses

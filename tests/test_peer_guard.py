@@ -45,3 +45,17 @@ def test_opting_out_skips_loudly(target: str, variable: str, kind: str) -> None:
         assert "skipped" in result.stdout and "passed" not in result.stdout
         assert "real peers skipped" in result.stdout
         assert f"SKIPPED {kind} tests: {kind} peers missing" in result.stdout
+
+
+def test_opensc_dump_rows_are_read_whatever_the_ascii_column_shows() -> None:
+    from tests.support import opensc_responses
+
+    out = ("Received (SW1=0x90, SW2=0x00):\n01 .\n"
+           "Received (SW1=0x90, SW2=0x00):\n30 31 01\n"  # ASCII '01' looks like hex
+           "Received (SW1=0x61, SW2=0x01):\n"
+           "00 01 02 03 04 05 06 07 08 09 0A 0B 0C 0D 0E 0F ................\n"
+           "41 20                                           A \n"
+           "Received (SW1=0x6A, SW2=0x82)\n")
+    assert opensc_responses(out) == [bytes.fromhex("01 9000"), bytes.fromhex("3031 9000"),
+                                     bytes(range(16)) + bytes.fromhex("4120 6101"),
+                                     bytes.fromhex("6a82")]

@@ -51,7 +51,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GLOBAL_KEYS = {"state_dir", "trace", "trace_secrets", "read_only", "allow_remote",
                 "card_timeout", "vm"}
 _VM_KEYS = {"listen", "connect", "cards", "state_dir", "read_only", "allow_remote",
-            "socket_owner", "socket_group", "socket_mode"}
+            "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class VmConfig:
     read_only: bool = False
     allow_remote: bool = False
     socket: SocketOptions = field(default_factory=SocketOptions)
+    #: split answers QEMU 7.2's usb-ccid loses or refuses (vmc.runtime.shaping)
+    usb_ccid_workaround: bool = True
     origin: str = "command line"  # "FILE" for VMs from the config file, "ctl attach"
 
     @property
@@ -114,6 +116,7 @@ class ServeConfig:
     socket: SocketOptions = field(default_factory=SocketOptions)
     config_file: Path | None = None
     card_timeout: float = 30.0
+    usb_ccid_workaround: bool = True
     #: the config file's VMs as last loaded (set by load_config_file / the daemon)
     file_vms: list[VmConfig] = field(default_factory=list)
 
@@ -140,6 +143,7 @@ class ServeConfig:
                 read_only=self.card_options.read_only,
                 allow_remote=self.allow_remote,
                 socket=self.socket,
+                usb_ccid_workaround=self.usb_ccid_workaround,
             ))
         return vms
 
@@ -343,6 +347,9 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
         allow_remote=(_bool(source, where, "allow_remote", table["allow_remote"])
                       if "allow_remote" in table else defaults["allow_remote"]),
         socket=options,
+        usb_ccid_workaround=(_bool(source, where, "usb_ccid_workaround",
+                                   table["usb_ccid_workaround"])
+                             if "usb_ccid_workaround" in table else True),
         origin=str(source.path),
     )
 

@@ -528,6 +528,7 @@ class Daemon:
             read_only=self.config.card_options.read_only,
             allow_remote=self.config.allow_remote,
             socket=self.config.socket,
+            usb_ccid_workaround=self.config.usb_ccid_workaround,
             origin="ctl attach",
         )
         _check_unique([*(vm.config for vm in self.vms.values()), config])

@@ -98,6 +98,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--card-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a blocking (passthrough) card that takes longer for one APDU fails "
                    "that APDU (default 30)")
+    p.add_argument("--no-usb-ccid-workaround", dest="usb_ccid_workaround",
+                   action="store_false",
+                   help="send every answer as the card gave it; by default an answer of 54 "
+                   "bytes or over 374, which QEMU 7.2's usb-ccid loses or refuses, goes out "
+                   "in parts through 61xx / GET RESPONSE (docs/PROTOCOL.md)")
     p.set_defaults(func=run)
 
 
@@ -126,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         socket=socket,
         config_file=args.config,
         card_timeout=args.card_timeout,
+        usb_ccid_workaround=args.usb_ccid_workaround,
     )
 
 

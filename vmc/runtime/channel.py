@@ -24,6 +24,7 @@ from typing import Protocol
 
 from ccidemu.card import CardInserted, CardRemoved, ReaderEvent, ReaderUnplugged
 from vmc.runtime.cards import CardHost, Reader, describe_error
+from vmc.runtime.shaping import ResponseShaper
 from vmc.runtime.transport import StreamTransport
 from vmc.session import (
     ApduDone,
@@ -78,6 +79,7 @@ class VscChannel:
         byteorder: str = "big",
         peer_init: bool = True,
         throttle: LogThrottle | None = None,
+        shape_responses: bool = True,
     ) -> None:
         self.owner = owner
         self.host = host
@@ -93,6 +95,8 @@ class VscChannel:
         self.dead = False
         self.started = time.monotonic()
         self._readers: list[Reader] = []  # engine reader index -> VM reader
+        self._shapers: list[ResponseShaper] = []  # per reader: usb-ccid's answer sizes
+        self._shape = shape_responses
         self._pumping = False
         self._on_close: Callable[[], None] | None = None
 
@@ -131,6 +135,7 @@ class VscChannel:
         index = self.engine.add_reader(reader.name, reader.present and reader.plugged, now)
         assert index == len(self._readers)
         self._readers.append(reader)
+        self._shapers.append(ResponseShaper(self._shape))
         self.engine.set_inline(index, not reader.card.blocking)
         reader.listener = self._reader_event
         if not reader.plugged:
@@ -160,14 +165,20 @@ class VscChannel:
         if index >= 0:
             command = bytes(buffer[12:nbytes])
             reader = self._readers[index]
-            if reader.cheap(command):
+            shaper = self._shapers[index]
+            kept = shaper.intercept(command) if shaper.pending else None
+            if kept is not None or reader.cheap(command):
                 now = time.monotonic()
-                try:
-                    response = self.host.transmit_inline(reader, command)
-                except Exception as exc:
-                    out = engine.fast_failed(index, command, describe_error(exc), now)
+                if kept is not None:  # a part of an answer we split (vmc.runtime.shaping)
+                    out = engine.fast_answer(index, command, kept, now)
                 else:
-                    out = engine.fast_answer(index, command, response, now)
+                    try:
+                        response = self.host.transmit_inline(reader, command)
+                    except Exception as exc:
+                        out = engine.fast_failed(index, command, describe_error(exc), now)
+                    else:
+                        out = engine.fast_answer(index, command,
+                                                 self._shaped(index, command, response), now)
                 self.stats.apdus += 1
                 assert self.transport is not None
                 self.transport.write(out)
@@ -238,13 +249,20 @@ class VscChannel:
                 if kind is Transmit:
                     assert isinstance(action, Transmit)
                     self.stats.apdus += 1
+                    shaper = self._shapers[action.reader]
+                    kept = shaper.intercept(action.apdu) if shaper.pending else None
+                    if kept is not None:
+                        engine.transmit_done(action.token, kept, time.monotonic())
+                        continue
                     self.host.transmit(self._readers[action.reader], action.apdu,
-                                       self._answer(action.token), self._failure(action.token))
+                                       self._answer(action.token, action.reader, action.apdu),
+                                       self._failure(action.token))
                 elif kind is ApduDone:
                     assert isinstance(action, ApduDone)
                     self.owner.exchange_done(self, action)
                 elif kind is PowerOn:
                     assert isinstance(action, PowerOn)
+                    self._shapers[action.reader].reset()
                     self.host.power_on(self._readers[action.reader],
                                        self._powered(action.token),
                                        self._power_failure(action.token))
@@ -280,7 +298,7 @@ class VscChannel:
         return lambda why: self._card_answer(
             lambda: engine.power_on_failed(token, why, time.monotonic()))
 
-    def _answer(self, token: int) -> Callable[[object], None]:
+    def _answer(self, token: int, index: int, command: bytes) -> Callable[[object], None]:
         engine = self.engine
 
         def done(response: object) -> None:
@@ -289,9 +307,20 @@ class VscChannel:
                     token, f"the card answered {type(response).__name__}, not bytes",
                     time.monotonic()))
                 return
-            self._card_answer(lambda: engine.transmit_done(token, response, time.monotonic()))
+            shaped = self._shaped(index, command, response)
+            self._card_answer(lambda: engine.transmit_done(token, shaped, time.monotonic()))
 
         return done
+
+    def _shaped(self, index: int, command: bytes, response: bytes) -> bytes:
+        shaper = self._shapers[index]
+        acted = shaper.acted
+        out = shaper.shape(command, response)
+        if shaper.acted == 1 and acted == 0:
+            log.info("%s: reader %d: a %d-byte answer went out in parts (61xx): QEMU's usb-ccid "
+                     "loses or refuses answers of that size (docs/PROTOCOL.md, \"usb-ccid\"); "
+                     "said once per connection", self.label, index, len(response))
+        return out
 
     def _failure(self, token: int) -> Callable[[str], None]:
         engine = self.engine

@@ -184,7 +184,8 @@ class Vm:
         self._serial += 1
         channel = VscChannel(self, self.daemon.host, self.daemon.stats,
                              label=f"vm {self.name}", tracing=self.daemon.tracing,
-                             throttle=self.throttle)
+                             throttle=self.throttle,
+                             shape_responses=self.config.usb_ccid_workaround)
         self.pending.append(channel)
         transport = StreamTransport(self.daemon.loop, sock, channel)
         key = id(channel)
