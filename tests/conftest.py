@@ -1,10 +1,25 @@
-"""Suite-wide options: opting out of real-peer tests, and saying loudly what was skipped."""
+"""Suite-wide options: opting out of real-peer tests, saying loudly what was skipped, and
+reproducible hypothesis runs in CI.
+
+Under ``CI`` (set by .ci/run's environment or by hand) hypothesis runs derandomized: the
+examples follow from each test's name, so a failure in CI fails the same way on a laptop, and
+the reproduction blob is printed.  Elsewhere it explores (``HYPOTHESIS_PROFILE=ci`` forces CI's).
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from tests.support import OPT_OUTS, SKIPPED_PEERS
+
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get(
+    "HYPOTHESIS_PROFILE",
+    "ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -505,7 +505,7 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
     state.puk = bytes.fromhex(data["puk"])
     for name in ("pin_retries", "puk_retries", "pin_left", "puk_left"):
         value = data[name]
-        if not isinstance(value, int) or not 0 <= value <= 15:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 15:
             raise ValueError(f"{name} {value!r} out of range")
         setattr(state, name, value)
     if not valid_reference(state.pin) or not valid_reference(state.puk):
@@ -513,7 +513,10 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
     if state.pin_left > state.pin_retries or state.puk_left > state.puk_retries:
         raise ValueError("more tries left than the maximum")
     state.management_key = bytes.fromhex(data["management_key"])
-    state.management_algorithm = Algorithm(data["management_algorithm"])
+    algorithm = data["management_algorithm"]
+    if isinstance(algorithm, bool) or not isinstance(algorithm, int):
+        raise ValueError(f"management_algorithm {algorithm!r} is not a number")
+    state.management_algorithm = Algorithm(algorithm)
     if MANAGEMENT_KEY_LENGTHS.get(state.management_algorithm) != len(state.management_key):
         raise ValueError("management key length does not fit its algorithm")
     for slot_text, pem in dict(data["keys"]).items():

@@ -328,16 +328,23 @@ GOOD_STATE = {"format": 1, "pin": "313233343536", "puk": "3132333435363738",
 @given(st.sampled_from(sorted(GOOD_STATE)), JSON_VALUES)
 def test_damaged_state_loads_or_is_a_config_error(field: str, value: object) -> None:
     from ccidemu.cards.piv import PivState
-    from ccidemu.cards.piv_files import StateStore
+    from ccidemu.cards.piv_files import StateStore, state_to_json
 
     damaged = dict(GOOD_STATE, **{field: value})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "piv-x.json"
         path.write_text(json.dumps(damaged))
         try:
-            StateStore(path, PivState(), "x").load()
+            state = StateStore(path, PivState(), "x").load()
         except ConfigError as exc:
             assert "piv-x.json" in str(exc)
+            return
+    # it loaded: then exactly what the file says, and a usable card state
+    saved = state_to_json(state, PivState(), "x")
+    for key in ("pin", "puk", "pin_retries", "puk_retries", "pin_left", "puk_left",
+                "management_key", "management_algorithm"):
+        assert saved[key] == damaged[key] and type(saved[key]) is type(GOOD_STATE[key]), key
+    assert 0 <= state.pin_left <= state.pin_retries <= 15
 
 
 def test_crash_before_rename_keeps_the_old_state(tmp_path: Path,

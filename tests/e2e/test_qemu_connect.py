@@ -98,11 +98,9 @@ def test_daemon_killed_and_restarted(guest: Guest, daemon: ServeProcess) -> None
     # While no daemon runs the guest's APDUs go nowhere (QEMU keeps the card "present").
     result = guest.run(f"opensc-tool -s {ECHO}", timeout=5)
     assert not opensc_responses(result.output) or result.status != 0, result.output
-    started = time.monotonic()
     daemon.start()
-    out = wait_apdus_work(guest)
+    out = wait_apdus_work(guest, timeout=60)  # (a generous bound: speed claims go in bench/)
     assert opensc_responses(out)[0] == bytes.fromhex("010203 9000")
-    assert time.monotonic() - started < 20
 
 
 def test_remove_and_insert_through_ctl(guest: Guest, daemon: ServeProcess) -> None:

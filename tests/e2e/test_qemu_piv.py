@@ -30,7 +30,7 @@ def piv_env(guest_image: GuestImage, e2e_dir: Path) -> Iterator[tuple[Guest, Ser
     with boot_guest(guest_image, e2e_dir, ChardevMode.QEMU_SERVER) as guest:
         daemon = ServeProcess(
             e2e_dir / "serve", guest.vsc_socket, ChardevMode.QEMU_SERVER, cards=["piv:"],
-            trace=e2e_dir / "trace.jsonl",
+            trace=e2e_dir / "trace.jsonl", verbose=3,
         )
         daemon.start()
         try:
@@ -87,3 +87,19 @@ def test_pkcs11_ecdsa_signature_verifies_on_the_host(piv_env: tuple[Guest, Serve
     key = x509.load_pem_x509_certificate((CERTS / "9c.crt").read_bytes()).public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
     key.verify(signature, DATA, ec.ECDSA(hashes.SHA256()))
+
+
+def test_the_pin_never_reaches_the_log_or_the_trace(
+    piv_env: tuple[Guest, ServeProcess], e2e_dir: Path
+) -> None:
+    """After the guest's logins (VERIFY with the PIN, run last in this module): the daemon's
+    -vvv log and its trace hold the redacted VERIFYs, never the PIN."""
+    guest, daemon = piv_env
+    _sign_in_guest(guest, "01", "SHA256-RSA-PKCS")
+    log = daemon.log().lower()
+    trace = (e2e_dir / "trace.jsonl").read_text().lower()
+    assert "traffic" in log and "verify" in log  # the log is at its most verbose
+    assert '"command":"0020008008"' in trace and '"redacted":true' in trace
+    pin = "313233343536ffff"
+    for text in (log, trace):
+        assert pin not in text and "31 32 33 34 35 36 ff ff" not in text

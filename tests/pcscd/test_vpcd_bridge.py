@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -140,6 +142,7 @@ def test_vpcd_that_hangs_up_at_once_is_retried_with_backoff(
     listener.settimeout(0.1)
     port = listener.getsockname()[1]
     closing = threading.Event()
+    accepted: list[float] = []
 
     def hang_up() -> None:
         while not closing.is_set():
@@ -147,6 +150,7 @@ def test_vpcd_that_hangs_up_at_once_is_retried_with_backoff(
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
+            accepted.append(time.monotonic())
             conn.close()
 
     acceptor = threading.Thread(target=hang_up, daemon=True)
@@ -155,15 +159,21 @@ def test_vpcd_that_hangs_up_at_once_is_retried_with_backoff(
     bridge = VpcdBridge(BuiltinTestCard(), TcpAddress("127.0.0.1", port))
     thread = _start(bridge)
     try:
-        time.sleep(2.0)
-        # retries after 0.1, 0.3, 0.7 and 1.5 s: 5 connections (every 0.1 s would be ~20)
-        assert 2 <= bridge.connections <= 6
+        deadline = time.monotonic() + 30
+        while len(accepted) < 5:
+            assert time.monotonic() < deadline, accepted
+            time.sleep(0.01)
         assert bridge.requests == 0
     finally:
         _stop(bridge, thread)
         closing.set()
         acceptor.join(5)
         listener.close()
+    # the gaps double from 0.1 s (lower bounds: a loaded machine only makes them longer;
+    # retrying every 0.1 s would fail from the second gap on)
+    gaps = [b - a for a, b in itertools.pairwise(accepted[:5])]
+    for gap, least in zip(gaps, (0.1, 0.2, 0.4, 0.8), strict=True):
+        assert gap >= least * 0.9, gaps
     warnings = [r for r in caplog.records if r.name == "vmc.vpcd"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
@@ -203,25 +213,39 @@ def test_quickack_rearmed_before_every_receive(fake: FakeVpcd,
     alone (docs/PERFORMANCE.md, vpcd bridge): it must be re-armed before each recv."""
     import vmc.vpcd
 
-    calls: list[int] = []
-    real = vmc.vpcd._quickack
+    events: list[str] = []
+    real_quickack = vmc.vpcd._quickack
 
-    def spy(sock: socket.socket) -> None:
-        calls.append(sock.fileno())
-        real(sock)
+    class Recording:
+        """The bridge's socket, with its recv calls recorded in order with the re-arms."""
 
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def recv(self, size: int) -> bytes:
+            events.append("recv")
+            return self._sock.recv(size)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sock, name)
+
+    def spy(sock: Any) -> None:
+        events.append("quickack")
+        real_quickack(sock._sock if isinstance(sock, Recording) else sock)
+
+    real_connect = VpcdBridge._connect
     monkeypatch.setattr(vmc.vpcd, "_quickack", spy)
+    monkeypatch.setattr(VpcdBridge, "_connect", lambda self: Recording(real_connect(self)))
     bridge = VpcdBridge(BuiltinTestCard(), TcpAddress("127.0.0.1", fake.port))
     thread = _start(bridge)
     try:
         fake.accept()
         assert bridge.wait_connected(5)
-        fd = bridge.sock.fileno() if bridge.sock else -1
         for i in range(20):
             fake.send(bytes([0x80, 0xE0, 0, 0, 1, i]))
             assert fake.recv_frame() == bytes([i, 0x90, 0x00])
-        # one re-arm before each recv (vpcd's two writes arrive in one or two of them) and
-        # one after each answer: at least 2 per APDU
-        assert calls.count(fd) >= 40
+        receives = [n for n, e in enumerate(events) if e == "recv"]
+        assert len(receives) >= 20
+        assert all(n > 0 and events[n - 1] == "quickack" for n in receives), events
     finally:
         _stop(bridge, thread)

@@ -113,7 +113,11 @@ def test_pcscd_restart_reconnects_and_keeps_card(pcscd: PcscdHarness) -> None:
     bridge = pcscd.start_bridge("test:")
     first = _apdu_count(pcscd)
     pcscd.stop_pcscd()
-    time.sleep(1.0)  # a few refused reconnects: must be logged once, not per retry
+    deadline = time.monotonic() + 30
+    while "not reachable" not in bridge.log():  # the bridge found vpcd gone ...
+        assert time.monotonic() < deadline, bridge.log()
+        time.sleep(0.05)
+    time.sleep(1.0)  # ... and retried a few times meanwhile (more only strengthens the test)
     pcscd.start_pcscd()
     pcscd.wait_card(present=True)
     # same process, same card object: its APDU counter went on

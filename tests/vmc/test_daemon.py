@@ -25,7 +25,7 @@ from ccidemu.card import BuiltinTestCard
 from ccidemu.cards import CardOptions, register
 from ccidemu.errors import CardError, ConfigError
 from ccidemu.trace import read_trace
-from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, VscReaderRemove
+from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, VscReaderRemove, encode_vsc
 from tests.vmc.daemon_harness import RunningDaemon, echo, free_port, serve
 from vmc.addr import Address, TcpAddress, UnixAddress
 from vmc.control import ControlError, control_request
@@ -373,6 +373,7 @@ def test_garbage_peer_does_not_disturb_another_session(
 def test_control_list_stats_remove_insert(tmp: Path, daemons: list[RunningDaemon]) -> None:
     addr = UnixAddress(tmp / "vm.sock")
     ctl = UnixAddress(tmp / "ctl.sock")
+    started = time.monotonic()
     daemons.append(serve(listen=[addr], control=ctl))
     assert stat.S_IMODE(ctl.path.stat().st_mode) == 0o600
     with FakeQemu.connect(addr) as fake:
@@ -388,8 +389,11 @@ def test_control_list_stats_remove_insert(tmp: Path, daemons: list[RunningDaemon
         sid = session["session"]
 
         stats = control_request(ctl, {"cmd": "stats"})
-        assert stats["sessions"] == 1 and stats["apdus"] == 1 and stats["bytes_in"] > 0
-        assert stats["uptime"] >= 0
+        assert stats["sessions"] == 1 and stats["apdus"] == 1
+        # every byte each side sent, counted exactly
+        assert stats["bytes_in"] == sum(len(encode_vsc(m)) for m in fake.core.sent)
+        assert stats["bytes_out"] == sum(len(encode_vsc(m)) for m in fake.core.received)
+        assert 0 < stats["uptime"] < time.monotonic() - started
 
         after = control_request(ctl, {"cmd": "remove", "session": sid, "reader": 0})
         assert after["readers"][0]["present"] is False
@@ -435,9 +439,11 @@ def test_ctl_command_line(tmp: Path, daemons: list[RunningDaemon]) -> None:
             "present"
         ] is False
         fake.wait_removed()
-        ctl_run("insert", str(sid))
+        inserted = ctl_run("insert", str(sid)).splitlines()
+        assert inserted[1].split()[-2:] == ["yes", "0"], inserted  # PRESENT yes, APDUS 0
         fake.wait_card()
-        assert "apdus" in ctl_run("stats")
+        stats = dict(line.split(None, 1) for line in ctl_run("stats").splitlines())
+        assert stats["sessions"].strip() == "1" and stats["vms"].strip() == "1", stats
 
 
 # --------------------------------------------------------------------------- trace

@@ -193,11 +193,15 @@ class PcscdHarness:
 
     # --- the bridge ----------------------------------------------------------------------
 
-    def start_bridge(self, card: str, *extra: str, wait: bool = True) -> Bridge:
-        """``python -m vmc -vv vpcd --card CARD --vpcd <our port> EXTRA...``; waits for the card."""
+    def start_bridge(self, card: str, *extra: str, wait: bool = True,
+                     verbose: int = 2) -> Bridge:
+        """``python -m vmc -vv vpcd --card CARD --vpcd <our port> EXTRA...``; waits for the card.
+
+        ``verbose``: the number of ``-v`` (3: TRAFFIC, every frame).
+        """
         assert self.bridge is None, "a bridge is already running"
         log_path = self.workdir / f"bridge-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "vmc", "-vv", "vpcd", "--card", card,
+        argv = [sys.executable, "-m", "vmc", "-" + "v" * verbose, "vpcd", "--card", card,
                 "--vpcd", self.vpcd_address, *extra]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,

@@ -42,6 +42,7 @@ class ServeProcess:
         *,
         trace: Path | None = None,
         extra_args: Sequence[str] = (),
+        verbose: int = 2,
     ) -> None:
         self.workdir = workdir
         self.vsc_socket = vsc_socket
@@ -49,6 +50,7 @@ class ServeProcess:
         self.cards = tuple(cards)
         self.trace = trace
         self.extra_args = tuple(extra_args)
+        self.verbose = verbose  # the number of -v (3: TRAFFIC, every frame)
         self.control = workdir / "control.sock"
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -56,7 +58,8 @@ class ServeProcess:
 
     def command(self) -> list[str]:
         flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
-        cmd = [sys.executable, "-m", "vmc", "-vv", "serve", flag, f"unix:{self.vsc_socket}"]
+        cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve", flag,
+               f"unix:{self.vsc_socket}"]
         for card in self.cards:
             cmd += ["--card", card]
         cmd += ["--control", f"unix:{self.control}"]
