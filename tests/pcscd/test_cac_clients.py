@@ -1,0 +1,163 @@
+"""The emulated CAC card (``--card cac:``) proved with OpenSC 0.23 through pcscd + vpcd.
+
+opensc-tool, pkcs15-tool and pkcs11-tool (opensc-pkcs11.so) against the demo card
+(fixtures/cac: three RSA-2048 keys, PIN 123456, 3 tries).  OpenSC's CAC driver names the
+PKCS#11 objects 0001, 0002, 0003 (PKI applets 0, 1, 2).  Every test works on a fresh copy
+of fixtures/cac and its own state directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from tests.support import opensc_responses
+from vmc.lab.pcscd import OPENSC_PKCS11, READER, PcscdHarness
+
+pytestmark = pytest.mark.pcscd
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "cac"
+PIN = "123456"
+IDS = ("0001", "0002", "0003")
+LABELS = ("CAC ID Certificate", "CAC Email Signature Certificate",
+          "CAC Email Encryption Certificate")
+SELECT_ACA = "00a4040007a0000000790300"
+
+
+@dataclass
+class CacSetup:
+    pcscd: PcscdHarness
+    certs: Path  # this test's copy of fixtures/cac
+    state: Path
+    work: Path
+
+    def start(self) -> None:
+        self.pcscd.start_bridge(f"cac:{self.certs}", "--state-dir", str(self.state))
+
+    def restart_bridge(self) -> None:
+        assert self.pcscd.stop_bridge() == 0
+        self.start()
+
+    def run(self, *argv: str, check: bool = True) -> str:
+        # HOME: OpenSC's file cache (~/.cache/opensc) stays per test
+        result = self.pcscd.run(*argv, check=check, env={"HOME": str(self.work)})
+        return result.stdout + result.stderr
+
+    def p11(self, *args: str, check: bool = True) -> str:
+        return self.run("pkcs11-tool", "--module", str(OPENSC_PKCS11), *args, check=check)
+
+    def cert(self, number: int) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((self.certs / f"cert{number}.crt").read_bytes())
+
+    def pin_state(self) -> bytes:
+        """The answer to VERIFY without data (after selecting the ACA)."""
+        out = self.run("opensc-tool", "-r", READER, "-s", SELECT_ACA, "-s", "0020000000")
+        return opensc_responses(out)[-1]
+
+
+@pytest.fixture
+def cac(pcscd: PcscdHarness, tmp_path: Path) -> Iterator[CacSetup]:
+    certs = tmp_path / "cac"
+    shutil.copytree(FIXTURES, certs)
+    setup = CacSetup(pcscd, certs, tmp_path / "state", tmp_path)
+    setup.state.mkdir()
+    setup.start()
+    yield setup
+
+
+def _public(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    key = cert.public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    return key
+
+
+def test_opensc_names_a_cac_card(cac: CacSetup) -> None:
+    out = cac.run("opensc-tool", "-r", READER, "-n")
+    assert out.strip() == "Common Access Card (CAC)", out  # OpenSC card-cac.c
+
+
+def test_pkcs15_lists_the_certificates(cac: CacSetup) -> None:
+    out = cac.run("pkcs15-tool", "--reader", READER, "-D")
+    found = re.findall(r"^X\.509 Certificate \[(.*)\]\n(?:\t.*\n)*?\tID\s*: (\w+)\n"
+                       r"\tEncoded serial : 02 \w\w (\w+)", out, re.M)
+    expected = []
+    for number, (label, key_id) in enumerate(zip(LABELS, IDS, strict=True), start=1):
+        serial = cac.cert(number).serial_number
+        der = serial.to_bytes(serial.bit_length() // 8 + 1, "big")  # DER INTEGER, positive
+        expected.append((label, key_id, der.hex().upper()))
+    assert found == expected, out
+    # the token label is the first certificate's CN
+    assert "PKCS#15 Card [ccidemu CAC Test User (ID)]" in out, out
+
+
+def test_pkcs11_lists_three_certificates_and_keys(cac: CacSetup) -> None:
+    slots = cac.p11("-L")
+    assert re.search(r"Virtual PCD 00 00\n\s+token label\s+: ccidemu CAC Test User \(ID\)",
+                     slots), slots
+    objects = cac.p11("--login", "--pin", PIN, "-O")
+    for kind in ("Certificate Object", "Private Key Object", "Public Key Object"):
+        assert objects.count(kind) == 3, objects
+    for number in (1, 2, 3):
+        subject = cac.cert(number).subject.rfc4514_string()
+        cn = subject.split("CN=")[1].split(",")[0]
+        assert f"CN={cn}" in objects, (cn, objects)
+
+
+@pytest.mark.parametrize("number", [1, 2, 3])
+def test_pkcs11_sign_verifies_with_the_certificate(cac: CacSetup, number: int) -> None:
+    data = f"ccidemu CAC signature test {number}".encode()
+    (cac.work / "data").write_bytes(data)
+    cac.p11("--login", "--pin", PIN, "--sign", "--id", IDS[number - 1], "-m", "SHA256-RSA-PKCS",
+            "-i", str(cac.work / "data"), "-o", str(cac.work / "sig"))
+    signature = (cac.work / "sig").read_bytes()
+    _public(cac.cert(number)).verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    # and not with another certificate
+    other = cac.cert(number % 3 + 1)
+    with pytest.raises(InvalidSignature):
+        _public(other).verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_pkcs11_decrypt(cac: CacSetup) -> None:
+    secret = b"a session key for the encryption certificate"
+    (cac.work / "ct").write_bytes(_public(cac.cert(3)).encrypt(secret, padding.PKCS1v15()))
+    cac.p11("--login", "--pin", PIN, "--decrypt", "--id", "0003", "-m", "RSA-PKCS",
+            "-i", str(cac.work / "ct"), "-o", str(cac.work / "pt"))
+    assert (cac.work / "pt").read_bytes() == secret
+
+
+def test_pkcs11_self_test(cac: CacSetup) -> None:
+    out = cac.p11("--test", "--login", "--pin", PIN)
+    assert "No errors" in out, out
+    assert out.count("RSA-X-509: OK") >= 3, out  # signing with all keys, decrypting with one
+
+
+def test_wrong_pin_is_refused_and_counted(cac: CacSetup) -> None:
+    assert cac.pin_state() == b"\x63\xc3"
+    out = cac.p11("--login", "--pin", "654321", "-O", check=False)
+    assert "CKR_PIN_INCORRECT" in out, out
+    assert cac.pin_state() == b"\x63\xc2"
+    # the counter survives a restart (the state file), and the right PIN resets it
+    cac.restart_bridge()
+    assert cac.pin_state() == b"\x63\xc2"
+    assert [p.name for p in cac.state.iterdir()][0].startswith("cac-")
+    cac.p11("--login", "--pin", PIN, "-O")
+    cac.restart_bridge()
+    assert cac.pin_state() == b"\x63\xc3"
+
+
+def test_blocked_pin_refuses_the_right_one(cac: CacSetup) -> None:
+    for _ in range(3):
+        out = cac.p11("--login", "--pin", "000000", "-O", check=False)
+        assert "C_Login failed" in out, out
+    assert cac.pin_state() == b"\x69\x83"
+    out = cac.p11("--login", "--pin", PIN, "-O", check=False)
+    assert "C_Login failed" in out and "Private Key Object" not in out, out
