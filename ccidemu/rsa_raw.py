@@ -117,6 +117,8 @@ class RawRsaKey:
     __slots__ = ("__weakref__", "_ctx", "_lib", "_numbers", "backend", "size")
 
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise TypeError(f"not an RSA private key: {type(key).__name__}")
         self.size = (key.key_size + 7) // 8  # k, the modulus length in bytes
         self._numbers = key.private_numbers()
         self._ctx: int | None = None

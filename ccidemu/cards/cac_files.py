@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions
@@ -130,9 +130,9 @@ def load_credential(number: int, files: Path | tuple[Path, Path],
         where = files[1]
         key = _named(number, lambda: load_private_key(where, token, passphrase))
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ConfigError(f"{token} (CAC PKI applet {number - 1}): {where} holds an "
-                          f"{type(key).__name__.removesuffix('PrivateKey')} key; CAC keys are "
-                          "RSA (GSC-IS 2.1)")
+        kind = "ECC" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        raise ConfigError(f"{token} (CAC PKI applet {number - 1}): {where} holds an {kind} "
+                          "key; CAC keys are RSA (GSC-IS 2.1)")
     _named(number, lambda: check_pair(key, cert, token, where))
     return PkiCredential(cert.public_bytes(serialization.Encoding.DER), key)
 
