@@ -23,6 +23,8 @@ source mode='bind'):  -chardev socket,id=ccid,host=127.0.0.1,port=2001,server=on
   ->  ccidemu serve --connect tcp:127.0.0.1:2001
 QEMU as chardev client:  -chardev socket,id=ccid,path=/run/vm1.sock,reconnect=1
   ->  ccidemu serve --listen unix:/run/vm1.sock   (start ccidemu first)
+Cards:  --card piv:DIR, --card cac:DIR (the CAC card libcacard / ccid-card-emulated give
+guests, from cert1.crt + cert1.key ...), --card cac: (the demo CAC card), --card test:
 """
 
 
