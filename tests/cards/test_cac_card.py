@@ -12,7 +12,7 @@ from functools import cache
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -242,16 +242,13 @@ def test_python_fallback_matches_openssl() -> None:
 
 @cache
 def _secret_windows() -> frozenset[bytes]:
-    """Every 12-byte window of every private value of every key (d, p, q, CRT values) and
-    of the keys' DER encodings: no answer may contain one."""
+    """Every 12-byte window of every private value of every key (d, p, q and the CRT
+    values; the key files hold nothing else secret): no answer may contain one."""
     windows: set[bytes] = set()
     for credential in _credentials():
         n = credential.key.private_numbers()
         values = [n.d, n.p, n.q, n.dmp1, n.dmq1, n.iqmp]
         blobs = [v.to_bytes((v.bit_length() + 7) // 8, "big") for v in values]
-        blobs.append(credential.key.private_bytes(
-            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
         for blob in blobs:
             windows.update(blob[i:i + 12] for i in range(len(blob) - 11))
     return frozenset(windows)
@@ -266,14 +263,39 @@ _AIDS = [bytes.fromhex(a) for a in (
     "a0000000790100", "a0000000790101", "a0000000790102", "a0000000790300", "a000000116db00",
     "a0000001163000", "a0000000030000", "a0000003974349445f0100", "a0000000790200")]
 
+_READ_BUFFER = st.builds(
+    lambda offset, which, size: bytes((0x80, 0x52, offset >> 8, offset & 0xFF, 2, which, size, 0)),
+    st.integers(0, 800), st.sampled_from([1, 2]), st.integers(0, 255))
+
 _COMMAND = st.one_of(
     st.binary(max_size=300),
+    _READ_BUFFER,
+    st.sampled_from([bytes.fromhex(a) for a in ("00c0000000", "8056010000", "8056400000",
+                                                  "804c000000", "804c100000", "80ca9f7f00")]),
     st.builds(lambda aid: bytes((0, 0xA4, 4, 0, len(aid))) + aid, st.sampled_from(_AIDS)),
     st.just(PIN_APDU),
     st.builds(lambda cla, ins, p1, p2, body: bytes((cla, ins, p1, p2)) + body,
               st.sampled_from([0x00, 0x80, 0x10, 0x90]), st.integers(0, 255),
               st.integers(0, 255), st.integers(0, 255), st.binary(max_size=270)),
 )
+
+
+def test_no_buffer_or_table_holds_key_material() -> None:
+    """Every applet's every answer a client can read (the deterministic half of the
+    property below)."""
+    card = _card()
+    _x(card, PIN_APDU.hex())
+    for applet in card.applets:
+        card.transmit(bytes((0, 0xA4, 4, 0, len(applet.aid))) + applet.aid)
+        for apdu in ("8056010000", "8056400000", "804c000000", "804c100000", "804c500000",
+                     "80ca9f7f00", "80ca006600", "80ca7f6800"):
+            assert not _leaks(card.transmit(bytes.fromhex(apdu)))
+            assert not _leaks(card.transmit(bytes.fromhex("00c0000000")))
+        for which in (1, 2):
+            for offset in range(0, 1200, 200):
+                answer = card.transmit(bytes((0x80, 0x52, offset >> 8, offset & 0xFF, 2, which,
+                                              255, 0)))
+                assert not _leaks(answer), (applet.aid.hex(), which, offset)
 
 
 @given(st.lists(_COMMAND, max_size=30))
