@@ -161,3 +161,72 @@ def test_blocked_pin_refuses_the_right_one(cac: CacSetup) -> None:
     assert cac.pin_state() == b"\x69\x83"
     out = cac.p11("--login", "--pin", PIN, "-O", check=False)
     assert "C_Login failed" in out and "Private Key Object" not in out, out
+
+
+# --- OpenSC's own APDUs, replayed to the real libcacard and to our card -----------------
+
+_OUTGOING = re.compile(r"^Outgoing APDU \((\d+) bytes\):\n((?:.*\n)+?)\n", re.M)
+
+
+def _outgoing_apdus(debug_log: str) -> list[bytes]:
+    """The command APDUs in an ``OPENSC_DEBUG=9`` log (sc_apdu_log: hex rows of up to 16
+    bytes, each followed by its ASCII column)."""
+    apdus = []
+    for match in _OUTGOING.finditer(debug_log):
+        size, data = int(match.group(1)), bytearray()
+        for row in match.group(2).splitlines():
+            data += bytes.fromhex("".join(row.split()[: min(16, size - len(data))]))
+        assert len(data) == size, match.group(0)
+        apdus.append(bytes(data))
+    return apdus
+
+
+def test_opensc_self_test_apdus_get_libcacard_answers(cac: CacSetup, tmp_path: Path,
+                                                       request: pytest.FixtureRequest) -> None:
+    """Every APDU of ``pkcs11-tool --test --login`` (about 200: OpenSC's probing of other card
+    types, the CAC driver's reads, VERIFY, signatures, decryptions) sent again to libcacard
+    and to our card: the same answers, but for the by-design steps of
+    tests/cards/test_cac_libcacard.py (VERIFY state, GET CHALLENGE)."""
+    from ccidemu.cards.cac import CacCard, CacState
+    from ccidemu.cards.cac_files import load_directory
+    from tests.cards.libcacard_peer import (
+        PACKAGES,
+        LibcacardCard,
+        build_harness,
+        make_nss_db,
+        missing_peers,
+    )
+    from tests.support import require_peers
+
+    require_peers(request.config, "libcacard", missing_peers(), PACKAGES)
+    result = cac.pcscd.run("pkcs11-tool", "--module", str(OPENSC_PKCS11), "--test", "--login",
+                           "--pin", PIN, env={"HOME": str(cac.work), "OPENSC_DEBUG": "9"})
+    assert "No errors" in result.stdout, result.stdout
+    commands = _outgoing_apdus(result.stderr + result.stdout)
+    assert len(commands) > 150
+    pin_apdu = bytes.fromhex("0020000008") + PIN.encode() + b"\xff\xff"
+    config = load_directory(cac.certs)
+    db, nicknames = make_nss_db(tmp_path, [(x509.load_der_x509_certificate(c.certificate), c.key)
+                                           for c in config.credentials], PIN)
+    reference = LibcacardCard(build_harness(tmp_path), db, nicknames)
+    try:
+        ours = CacCard(config.credentials, CacState())
+        assert reference.power_on() == ours.power_on()
+        compared = signed = 0
+        for command in commands:
+            if command[1] == 0x20 and len(command) > 5:  # OpenSC may mask the PIN in logs
+                command = pin_apdu
+            theirs, mine = reference.transmit(command), ours.transmit(command)
+            if command[1] == 0x84:  # GET CHALLENGE: answered by ours only (by design)
+                assert theirs in (b"\x6d\x00", b"\x69\x00") and mine[-2:] == b"\x90\x00"
+                continue
+            if command[1] == 0x20 and len(command) <= 5 and mine[:1] == b"\x63":
+                assert theirs in (b"\x6a\x88", b"\x63\xc3"), theirs.hex()  # VERIFY state
+                continue
+            assert mine == theirs, f"{command.hex()}: libcacard {theirs.hex()}, ours {mine.hex()}"
+            compared += 1
+            signed += command[1] == 0x42 and command[2] == 0x00
+        print(f"replayed {len(commands)} OpenSC APDUs: {compared} compared, {signed} SIGN/DECRYPT")
+        assert compared > 150 and signed >= 8
+    finally:
+        reference.close()
