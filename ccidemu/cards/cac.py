@@ -27,7 +27,7 @@ place where this card answers differently on purpose):
    section 11.5.6), kept in :class:`CacState`; VERIFY without data asks the state (9000
    logged in, else 63Cx).  SIGN/DECRYPT needs the login (6985 without it, as libcacard).
    Power-on logs out and deselects.
-4. SIGN/DECRYPT is one raw RSA private operation (GSC-IS 2.1 section 5.3.3.7): data
+4. SIGN/DECRYPT is one raw RSA private operation (GSC-IS 2.1 section 5.3.3, CAC v2): data
    sent with P1 = 80 is kept, P1 = 00 ends the input; the whole input must be one
    modulus-sized block.  Keys are RSA only: GSC-IS 2.1 defines no other PKI algorithm.
 
@@ -99,7 +99,7 @@ def pki_aid(index: int) -> bytes:
     return RID_CAC + bytes((0x01, index))
 
 
-# --- SIMPLE-TLV helpers (GSC-IS 2.1 section 8; ISO/IEC 7816-4 5.2.1, lengths LSB first) ---
+# --- SIMPLE-TLV helpers (GSC-IS 2.1 section 8.4 buffers; ISO/IEC 7816-4 5.2.1, LSB first) ---
 
 Items = Sequence[tuple[int, bytes]]
 
@@ -487,7 +487,7 @@ class CacApplet(Applet):
         return answer
 
     def _read_buffer(self, cmd: CommandApdu) -> bytes:
-        """READ BUFFER (GSC-IS 2.1 section 5.3.3.6 as CAC v2): data = buffer (01 tag,
+        """READ BUFFER (CAC v2, buffers as GSC-IS 2.1 section 8.4): data = buffer (01 tag,
         02 value) and length; P1 P2 = offset.  Past the end: 6A86."""
         data = cmd.data
         if len(data) != 2:
@@ -535,7 +535,7 @@ class PkiApplet(CacApplet):
         return super().process(card, cmd)
 
     def _sign_decrypt(self, card: CacCard, cmd: CommandApdu) -> bytes:
-        """SIGN/DECRYPT (GSC-IS 2.1 section 5.3.3.7): P1 80 more data follows, 00 last."""
+        """SIGN/DECRYPT (GSC-IS 2.1 section 5.3.3): P1 80 more data follows, 00 last."""
         if cmd.p2 != 0x00:  # the input kept so far stays (libcacard)
             raise StatusWordError(SW.INCORRECT_P1P2)
         if cmd.p1 == 0x80:
