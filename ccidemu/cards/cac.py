@@ -157,7 +157,7 @@ def cplc(serial: bytes) -> bytes:
         "4792" "7205" "1673" "7205" "1674" "7205" "00000A40" "0000" "0000" "000929BB")
 
 
-# --- applet properties (GSC-IS 2.1 section 5.3.3.4, table 5-13) ------------------------
+# --- applet properties (GSC-IS 2.1 section 5.3.3.4) -----------------------------------
 
 APPLET_INFORMATION = bytes.fromhex("1002060203")  # family 10, version 02 06 02 03
 ACA_INFORMATION = bytes.fromhex("1002060202")
