@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = [
     pytest.param("tests/e2e/test_qemu_listen.py", "CCIDEMU_QEMU", "qemu", id="qemu"),
     pytest.param("tests/pcscd/test_vpcd_testcard.py", "CCIDEMU_PCSCD", "pcscd", id="pcscd"),
+    pytest.param("tests/cards/test_cac_libcacard.py", "CCIDEMU_GCC", "libcacard",
+                 id="libcacard"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ISO/IEC 7816-4 applet dispatcher shared by emulated cards (PIV now, CAC later).
+"""The ISO/IEC 7816-4 applet dispatcher shared by emulated cards (PIV, CAC).
 
 Theory of operation: a card feeds every command APDU's bytes to
 :meth:`IsoDispatcher.process` and returns what it gives back.  The dispatcher
@@ -7,7 +7,7 @@ Theory of operation: a card feeds every command APDU's bytes to
 2. checks the class byte (ISO/IEC 7816-4:2013 section 5.4.1): an unknown class gets
    6E00, secure messaging 6882, a logical channel other than 0 6881;
 3. answers GET RESPONSE (``xx C0 00 00 Le``, section 5.3 / 7.6.1) from the pending
-   response; any other command drops what was pending;
+   response (nothing pending: 6985); any other command drops what was pending;
 4. looks the instruction up (unknown: 6D00) and joins command chains (CLA bit b5,
    section 5.1.1.1): each non-last link is answered 9000, a link that does not continue
    the chain gets 6883, a chain sent to an instruction that does not take chains 6884;
@@ -17,12 +17,19 @@ Theory of operation: a card feeds every command APDU's bytes to
    stays pending and the answer ends in ``61xx`` (xx = bytes left, 00 = 256 or more).
 
 Any other exception a handler raises is logged and answered 6F00: nothing escapes.
+
+Steps 3 and 6 follow :class:`ResponseRules`.  The default is ISO/IEC 7816-4 as above; a card
+that must answer like libcacard's CAC emulation (``docs/DESIGN.md``, "CAC") takes
+:data:`T0_RULES`: no Le field means Ne = 0, an answer longer than Ne is held back whole
+(only ``61xx`` is sent, the T=0 way: ISO/IEC 7816-3:2006 section 12.2.3), and GET
+RESPONSE with nothing pending is 6A88, whatever its P1 P2 and data.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 from ccidemu.apdu import (
     CLA_CHAINING,
@@ -50,11 +57,33 @@ INS_GET_RESPONSE = int(InsName.GET_RESPONSE)
 _OK = b"\x90\x00"
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseRules:
+    """How answers are sized (step 6) and GET RESPONSE is answered (step 3)."""
+
+    #: Ne of a command without Le field; None: 256, or 65536 for an extended command.
+    absent_ne: int | None = None
+    #: An answer longer than Ne sends its first Ne bytes with 61xx; False: none of them.
+    partial: bool = True
+    #: GET RESPONSE with nothing pending.
+    nothing_pending_sw: int = SW.CONDITIONS_NOT_SATISFIED
+    #: GET RESPONSE must have P1 P2 = 00 00 and no data field (else 6A86 / 6700).
+    strict_get_response: bool = True
+
+
+#: ISO/IEC 7816-4:2013 sections 5.1 and 5.3.
+ISO_RULES = ResponseRules()
+#: T=0 style, as libcacard 2.8 answers (vcard_response_new, card_7816.c GET RESPONSE).
+T0_RULES = ResponseRules(absent_ne=0, partial=False, nothing_pending_sw=SW.REFERENCE_NOT_FOUND,
+                         strict_get_response=False)
+
+
 class IsoDispatcher:
     """Routes command APDUs to per-instruction handlers; see the module docstring.
 
     ``handlers`` maps INS to a handler; ``chaining`` lists the instructions that accept
-    command chains; ``classes`` the accepted CLA values with b5 (chaining) cleared.
+    command chains; ``classes`` the accepted CLA values with b5 (chaining) cleared;
+    ``rules`` how answers are sized and GET RESPONSE answered.
     """
 
     def __init__(
@@ -64,6 +93,7 @@ class IsoDispatcher:
         chaining: Collection[int] = (),
         classes: Collection[int] = (0x00,),
         max_chain: int = MAX_EXTENDED_NC,  # the largest extended Nc
+        rules: ResponseRules = ISO_RULES,
     ) -> None:
         self._handlers = dict(handlers)
         self._chaining = frozenset(chaining)
@@ -73,6 +103,11 @@ class IsoDispatcher:
                                    if c | b != 0xFF)
         self._chain = ChainAssembler(max_length=max_chain)
         self._pending = b""
+        self.rules = rules
+        absent = rules.absent_ne
+        self._absent_short = MAX_SHORT_NE if absent is None else absent
+        self._absent_extended = MAX_EXTENDED_NE if absent is None else absent
+        self._partial = rules.partial
 
     def reset(self) -> None:
         """Forget pending command chains and responses (card reset)."""
@@ -114,10 +149,10 @@ class IsoDispatcher:
                     return _OK
                 cmd = joined
             data = handler(cmd)
-            limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
+            limit = cmd.ne or (self._absent_extended if cmd.extended else self._absent_short)
             if len(data) <= limit:  # step 6, the common case inline
                 return data + _OK
-            return self._send(data, limit)
+            return self._send(data, limit if self._partial else 0)
         except StatusWordError as exc:
             self._pending = b""
             return sw_bytes(exc.sw)
@@ -146,9 +181,9 @@ class IsoDispatcher:
     def _get_response(self, cmd: CommandApdu) -> bytes:
         """GET RESPONSE (ISO/IEC 7816-4:2013 section 7.6.1): P1 P2 = 00 00."""
         if not self._pending:
-            return sw_bytes(SW.CONDITIONS_NOT_SATISFIED)
-        if cmd.p1 or cmd.p2 or cmd.data:
+            return sw_bytes(self.rules.nothing_pending_sw)
+        if self.rules.strict_get_response and (cmd.p1 or cmd.p2 or cmd.data):
             self._pending = b""
             return sw_bytes(SW.INCORRECT_P1P2 if cmd.p1 or cmd.p2 else SW.WRONG_LENGTH)
-        limit = cmd.ne or (MAX_EXTENDED_NE if cmd.extended else MAX_SHORT_NE)
+        limit = cmd.ne or (self._absent_extended if cmd.extended else self._absent_short)
         return self._send(self._pending, limit)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ccidemu import rawrsa
+from ccidemu import rsa_raw
 from ccidemu.apdu import CommandApdu
 from ccidemu.atr import compute_tck
 from ccidemu.cards.iso import IsoDispatcher
@@ -328,7 +327,7 @@ def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
        ``Prehashed`` when T is a known DigestInfo, else (TLS 1.0 MD5+SHA-1, unknown
        hashes) with ``NoDigestInfo`` (cryptography 47 and later);
     2. anything else (decryption of type 2 / OAEP blocks, host-side PSS, raw blocks)
-       goes to OpenSSL's unpadded private operation (:mod:`ccidemu.rawrsa`; the result
+       goes to OpenSSL's unpadded private operation (:mod:`ccidemu.rsa_raw`; the result
        cannot be had from ``key.decrypt``: it returns the message without the random
        padding the card must give back);
     3. without OpenSSL 3, Python integers (CRT, about 5 ms for RSA-2048, blinded: c * r^e,
@@ -349,24 +348,9 @@ def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
             if _NO_DIGEST_INFO is not None:
                 return key.sign(info, _PKCS1V15, _NO_DIGEST_INFO)
     try:
-        result = rawrsa.private_operation(key, block)  # OpenSSL: ~1 ms, GIL released
-    except ValueError:
-        raise StatusWordError(SW.WRONG_DATA, "RSA input not below the modulus") from None
-    if result is not None:
-        return result
-    numbers = key.private_numbers()  # no OpenSSL 3: Python integers
-    public = numbers.public_numbers
-    n = public.n
-    c = int.from_bytes(block, "big")
-    if c >= n:
-        raise StatusWordError(SW.WRONG_DATA, "RSA input not below the modulus")
-    r = secrets.randbelow(n - 2) + 2  # coprime to n unless it finds a factor of n
-    c = c * pow(r, public.e, n) % n
-    m1 = pow(c, numbers.dmp1, numbers.p)
-    m2 = pow(c, numbers.dmq1, numbers.q)
-    h = (numbers.iqmp * (m1 - m2)) % numbers.p
-    m = (m2 + h * numbers.q) * pow(r, -1, n) % n
-    return m.to_bytes(k, "big")
+        return rsa_raw.raw_key(key).private_op(block)  # OpenSSL: ~1 ms, GIL released
+    except rsa_raw.RawRsaError as exc:
+        raise StatusWordError(SW.WRONG_DATA, str(exc)) from None
 
 
 _ECDSA_BY_SIZE: dict[int, ec.ECDSA] = {

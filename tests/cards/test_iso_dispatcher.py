@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccidemu.apdu import CommandApdu
-from ccidemu.cards.iso import IsoDispatcher
+from ccidemu.cards.iso import ISO_RULES, T0_RULES, IsoDispatcher
 from ccidemu.errors import StatusWordError
 
 BIG = bytes(range(256)) * 3  # 768 bytes
@@ -163,3 +163,41 @@ def test_arbitrary_apdus_always_end_in_a_status_word(apdus: list[bytes]) -> None
     for apdu in apdus:
         rsp = d.process(apdu)
         assert isinstance(rsp, bytes) and len(rsp) >= 2
+
+
+# --- T0_RULES: how libcacard sizes answers (card_7816.c vcard_response_new, GET RESPONSE) ---
+
+
+def _t0() -> IsoDispatcher:
+    return IsoDispatcher({0xE0: _echo, 0xE2: _big}, rules=T0_RULES)
+
+
+@pytest.mark.parametrize(
+    ("apdus", "answers"),
+    [
+        # no Le field: Ne = 0, so any data is announced with 61xx and none of it sent
+        pytest.param(["00e20010"], ["6110"], id="no-le-announces"),
+        pytest.param(["00e20000", "00c0000000"], ["9000", "6a88"], id="empty-answer"),
+        pytest.param(["00e20010", "00c0000000"], ["6110", BIG[:16].hex() + "9000"],
+                     id="get-response"),
+        # Le smaller than the answer: still none of it, the whole answer is held back
+        pytest.param(["00e2001004"], ["6110"], id="short-le-holds-back"),
+        # GET RESPONSE parts: partial data with 61xx; P1 P2 and data ignored (libcacard)
+        pytest.param(["00e20010", "00c0123404", "00c000000100"],
+                     ["6110", BIG[:4].hex() + "610c", "610c"], id="parts"),
+        pytest.param(["00e20100", "00c0000000"], ["6100", BIG[:256].hex() + "9000"],
+                     id="256-bytes"),
+        pytest.param(["00c0000000"], ["6a88"], id="nothing-pending"),
+        pytest.param(["00e2001000", "00c0000000"], [BIG[:16].hex() + "9000", "6a88"],
+                     id="le-enough"),
+    ],
+)
+def test_t0_rules(apdus: list[str], answers: list[str]) -> None:
+    d = _t0()
+    assert [d.process(bytes.fromhex(a)).hex() for a in apdus] == answers
+
+
+def test_iso_rules_unchanged_by_default() -> None:
+    d = _make()
+    assert d.rules == ISO_RULES
+    assert d.process(bytes.fromhex("00c0000000")).hex() == "6985"

@@ -364,7 +364,7 @@ def test_rsa_type1_blocks_are_signed_by_openssl(card: PivCard,
     def no_integers(_: int) -> int:
         raise AssertionError("the Python integer path was used")
 
-    monkeypatch.setattr("ccidemu.cards.piv.secrets.randbelow", no_integers)
+    monkeypatch.setattr("ccidemu.rsa_raw.secrets.randbelow", no_integers)
     verify_pin(card)
     sha3 = bytes.fromhex("3031300d060960864801650304020805000420")  # SHA3-256 DigestInfo
     for payload in (SHA256_INFO + os.urandom(32), sha3 + os.urandom(32), os.urandom(36),

@@ -1,5 +1,5 @@
-"""Raw RSA through OpenSSL (ccidemu.rawrsa) against Python integers, and the parse cache of
-card files (ccidemu.cards.piv_files.load_config)."""
+"""Raw RSA through OpenSSL (ccidemu.rsa_raw) against Python integers, one key shared by
+threads, and the parse cache of card files (ccidemu.cards.piv_files.load_config)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccidemu import rawrsa
+from ccidemu import rsa_raw
 from ccidemu.cards.piv_files import load_config
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
@@ -24,20 +24,22 @@ D = KEY.private_numbers().d
 
 
 def test_openssl_is_there() -> None:
-    assert rawrsa.available()  # Debian 12 ships OpenSSL 3: the fast path must be in use
+    # Debian 12 ships OpenSSL 3: the fast path must be in use
+    assert rsa_raw.openssl_available() and rsa_raw.raw_key(KEY).backend == "openssl"
+    assert rsa_raw.raw_key(KEY) is rsa_raw.raw_key(KEY)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(min_value=0, max_value=N - 1))
 def test_equals_the_textbook_operation(c: int) -> None:
     block = c.to_bytes(256, "big")
-    assert rawrsa.private_operation(KEY, block) == pow(c, D, N).to_bytes(256, "big")
+    assert rsa_raw.raw_key(KEY).private_op(block) == pow(c, D, N).to_bytes(256, "big")
 
 
 @pytest.mark.parametrize("c", [N, N + 1, (1 << 2048) - 1])
 def test_a_block_not_below_the_modulus_is_refused(c: int) -> None:
-    with pytest.raises(ValueError, match="not below the modulus"):
-        rawrsa.private_operation(KEY, c.to_bytes(256, "big"))
+    with pytest.raises(rsa_raw.RawRsaError, match="not below the modulus"):
+        rsa_raw.raw_key(KEY).private_op(c.to_bytes(256, "big"))
 
 
 def test_threads_get_their_own_answers() -> None:
@@ -45,7 +47,7 @@ def test_threads_get_their_own_answers() -> None:
     results: dict[int, bytes | None] = {}
 
     def work(i: int) -> None:
-        results[i] = rawrsa.private_operation(KEY, inputs[i])
+        results[i] = rsa_raw.raw_key(KEY).private_op(inputs[i])
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
     for t in threads:

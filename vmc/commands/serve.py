@@ -45,6 +45,8 @@ examples:
 One VM per --connect/--listen; each --card is one reader of that VM.  QEMU's
 ccid-card-passthru takes one reader per usb-ccid device: for two readers give the VM two
 usb-ccid devices with two chardevs (two --listen/--connect addresses).
+Cards:  --card piv:DIR, --card cac:DIR (the CAC card libcacard / ccid-card-emulated give
+guests, from cert1.crt + cert1.key ...), --card cac: (the demo CAC card), --card test:
 """
 
 

@@ -33,6 +33,7 @@ examples:
   ccidemu vpcd --card test:
   ccidemu vpcd --card piv:fixtures/certs --state-dir ~/.local/state/ccidemu/piv
   ccidemu vpcd --card piv:fixtures/certs --vpcd tcp:127.0.0.1:35964
+  ccidemu vpcd --card cac:fixtures/cac --state-dir ~/.local/state/ccidemu/cac
   opensc-tool -r 'Virtual PCD 00 00' -a     # then, in another terminal
 """
 
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--card", metavar="SPEC", default=None,
-        help="the card to insert: test:, piv:DIR, piv:PROFILE.toml, ... "
+        help="the card to insert: test:, piv:DIR, piv:PROFILE.toml, cac:DIR, ... "
         "(default: piv: if the PIV card opens with its defaults, else test:)",
     )
     parser.add_argument(
