@@ -92,7 +92,7 @@ def text_lines(source: Source, problems: Problems, name: str | None = None) -> L
     if isinstance(source, str | os.PathLike | bytes | bytearray | memoryview) or hasattr(
         source, "read"
     ):
-        with open_binary(source) as stream:  # type: ignore[arg-type]
+        with open_binary(source) as stream:  # type: ignore[arg-type, unused-ignore]
             yield from _split(stream, label, problems)
     else:
         for number, line in enumerate(source, 1):  # type: ignore[union-attr]

@@ -248,7 +248,7 @@ def _parse_apdu(obj: dict[str, Any]) -> Exchange:
 def _parse_power(obj: dict[str, Any]) -> PowerEvent:
     event = obj.get("event")
     try:
-        kind = PowerKind(event)
+        kind = PowerKind(str(event))
     except ValueError:
         raise _Bad(f"'event' must be one of {', '.join(k.value for k in PowerKind)}") from None
     return PowerEvent(kind=kind, t=_number(obj, "t"), reader=_reader(obj),

@@ -19,6 +19,7 @@ written relative to the header's start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -150,10 +151,8 @@ class TraceWriter:
         log.error("%s; tracing stopped", self.failed)
         f, self._file = self._file, None
         if f is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 f.close()
-            except (OSError, ValueError):
-                pass
         if self._on_error is not None:
             try:
                 self._on_error(self.failed)
