@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ccidemu.errors import ConfigError
 from ccidemu.traces.model import Problems
@@ -27,6 +27,7 @@ _CHUNK = 1 << 16
 #: A trace source: a path, an open binary file, raw bytes, or lines of text.
 Source = str | os.PathLike[str] | bytes | BinaryIO | Iterable[str]
 Lines = Iterator[tuple[int, str]]
+BinarySource = str | os.PathLike[str] | bytes | BinaryIO
 
 
 def source_name(source: object) -> str:
@@ -37,7 +38,7 @@ def source_name(source: object) -> str:
 
 
 @contextmanager
-def open_binary(source: str | os.PathLike[str] | bytes | BinaryIO) -> Iterator[BinaryIO]:
+def open_binary(source: BinarySource) -> Iterator[BinaryIO]:
     """A binary stream for a path, bytes or an open file (left open); ConfigError if absent."""
     if isinstance(source, bytes | bytearray | memoryview):
         yield io.BytesIO(bytes(source))
@@ -92,8 +93,8 @@ def text_lines(source: Source, problems: Problems, name: str | None = None) -> L
     if isinstance(source, str | os.PathLike | bytes | bytearray | memoryview) or hasattr(
         source, "read"
     ):
-        with open_binary(source) as stream:  # type: ignore[arg-type, unused-ignore]
+        with open_binary(cast(BinarySource, source)) as stream:
             yield from _split(stream, label, problems)
     else:
-        for number, line in enumerate(source, 1):  # type: ignore[union-attr]
+        for number, line in enumerate(source, 1):
             yield number, line.rstrip("\r\n")
