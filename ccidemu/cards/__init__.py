@@ -1,7 +1,7 @@
 """Card implementations and the ``--card SPEC`` registry.
 
 A spec is ``SCHEME:ARGUMENT`` (``test:``, ``piv:DIR``, ``piv:PROFILE.toml``,
-later ``cac:``, ``pcsc:``, ``usb:``, ``replay:``).  Each scheme maps to a
+``replay:TRACE[,match][,mask=SPEC]``, later ``cac:``, ``pcsc:``, ``usb:``).  Each scheme maps to a
 factory that receives the argument and the shared :class:`CardOptions`.
 """
 
@@ -31,6 +31,7 @@ CardFactory = Callable[[str, CardOptions], Card]
 _FACTORIES: dict[str, str] = {
     "test": "ccidemu.cards:_open_test_card",
     "piv": "ccidemu.cards.piv_files:open_piv_card",
+    "replay": "ccidemu.traces.replay:open_replay_card",
 }
 
 
