@@ -222,6 +222,19 @@ def _only_reader(records: Iterator[Record], reader: str | None) -> Iterator[Reco
             yield record
 
 
+def _pipe_safe(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """'ccidemu trace show ... | head' ends quietly when head leaves."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except BrokenPipeError:
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            return 0
+    return run
+
+
 # --- subcommands -----------------------------------------------------------------------------
 
 
@@ -250,6 +263,7 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+@_pipe_safe
 def run_export(args: argparse.Namespace) -> int:
     imported, stream, _ = _open_input(args)
     with stream, _output(args.output) as out:
@@ -260,16 +274,8 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_pipe_safe
 def run_show(args: argparse.Namespace) -> int:
-    try:
-        return _show(args)
-    except BrokenPipeError:  # 'trace show ... | head'
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        return 0
-
-
-def _show(args: argparse.Namespace) -> int:
     selected = parse_filter(args.reader, args.ins, args.status, args.since, args.until)
     imported, stream, _ = _open_input(args)
     header = imported.header

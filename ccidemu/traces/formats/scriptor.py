@@ -154,6 +154,8 @@ def export_scriptor(header: TraceHeader, records: Iterable[Record]) -> Iterator[
     seen_exchange = False
     for record in records:
         if isinstance(record, PowerEvent):
+            if record.atr is not None:
+                yield f"# power {record.kind.value}, ATR: {_spaced(record.atr)}"
             if record.kind in (PowerKind.ON, PowerKind.RESET) and seen_exchange:
                 yield "reset"
             continue
