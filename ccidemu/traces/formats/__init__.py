@@ -136,7 +136,12 @@ def open_import(
     stream = stream_cm.__enter__()
     try:
         if format is None:
-            head = stream.read(_SNIFF_BYTES)
+            chunks: list[bytes] = []
+            size = 0
+            while size < _SNIFF_BYTES and (chunk := stream.read(_SNIFF_BYTES - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+            head = b"".join(chunks)
             stream.seek(0)
             format = sniff(head)
             if format is None:

@@ -119,7 +119,7 @@ def _int_arg(call: _Call, index: int) -> int:
 def _raw(lines: Iterator[tuple[int, str]], problems: Problems, name: str) -> Iterator[Item]:
     calls: dict[str, _Call] = {}  # thread -> call in progress
     state = _State()
-    start: float | None = None
+    start: int | None = None
     header_sent = False
     for number, line in lines:
         where = f"{name}:{number}"
@@ -137,12 +137,13 @@ def _raw(lines: Iterator[tuple[int, str]], problems: Problems, name: str) -> Ite
             continue
         thread, direction, sec, usec, function, tail = m.groups()
         thread = thread or ""
-        when = int(sec) + int(usec) / 1e6
+        micros = int(sec) * 1_000_000 + int(usec)  # exact: no float rounding in durations
         if start is None:
-            start = when
+            start = micros
+        when = (micros - start) / 1e6
         if not header_sent:
             header_sent = True
-            yield TraceHeader(source="pcsc-spy", start=start)
+            yield TraceHeader(source="pcsc-spy", start=start / 1e6)
         if direction == ">":
             old = calls.pop(thread, None)
             if old is not None:
@@ -160,7 +161,7 @@ def _raw(lines: Iterator[tuple[int, str]], problems: Problems, name: str) -> Ite
             problems.report(where, f"bad return code {rv_hex!r}")
             continue
         try:
-            yield from _raw_call(call, rv, text, when - call.start, call.start - start, state)
+            yield from _raw_call(call, rv, text, round(when - call.start, 6), call.start, state)
         except (IndexError, ValueError) as exc:
             problems.report(call.where, f"malformed {function} call: {exc or 'missing argument'}")
     if not header_sent:
@@ -329,7 +330,9 @@ def _text_call(call: _TextCall, rv: int, text: str, duration: float | None, stat
         yield Exchange(command, response, duration=duration, reader=reader,
                        error=None if rv == 0 else f"{text} (0x{rv:08X})")
     elif function == "SCardConnect" and rv == 0:
-        reader = next(value for d, value in call.readers if d == "i")
+        reader = next((value for d, value in call.readers if d == "i"), None)
+        if reader is None:
+            raise ValueError("no szReader")
         state.readers[f["ophCard"].split()[0]] = reader
         active = f.get("odwActiveProtocol", "")
         state.protocol = active.split()[0] if active else None
