@@ -20,7 +20,7 @@ import pytest
 
 from ccidemu.cards import open_card
 from ccidemu.traces import Exchange
-from ccidemu.traces.compare import diff_exchanges, exchanges_of
+from ccidemu.traces.compare import exchanges_of
 from ccidemu.traces.formats import open_import
 from ccidemu.traces.replay import CardReplay
 from vmc.lab.pcscd import PcscdHarness

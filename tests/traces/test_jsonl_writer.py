@@ -152,6 +152,7 @@ def test_writer_private_header_redaction_and_flush(tmp_path: Path) -> None:
     assert got[0] == PowerEvent(PowerKind.ON, t=1.5, reader="r", atr=H("3b0a"))
     assert got[1] == Exchange(H("0020008008"), H("9000"), t=1.5, duration=0.5, reader="r",
                               command_redacted=True)
+    assert isinstance(got[2], Exchange)
     assert got[2].response == H("9000") and got[2].response_redacted and got[2].t == 2.5
     writer.close()
     secret = TraceWriter(tmp_path / "s.jsonl", source="test", secrets=True)

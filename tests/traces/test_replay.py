@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,8 @@ def test_replaying_a_recording_reproduces_it(commands: list[bytes]) -> None:
 def test_replay_against_a_card_reports_differences_and_masks() -> None:
     trace = recorded(BuiltinTestCard(), [SELECT, ECHO, COUNT, H("80E2000004")])
     header = TraceHeader(atr=BuiltinTestCard.ATR)
-    changed = trace[:2] + [Exchange(COUNT, H("00000009 9000")), Exchange(H("80E2000004"),
-                                                                           H("6A82"))]
+    changed = [*trace[:2], Exchange(COUNT, H("00000009 9000")),
+               Exchange(H("80E2000004"), H("6A82"))]
     replay = CardReplay(header, changed, BuiltinTestCard())
     diffs = list(replay.run())
     assert [(d.index, d.kind) for d in diffs] == [(2, DifferenceKind.DATA),
@@ -110,7 +111,7 @@ def test_replay_against_a_card_reports_differences_and_masks() -> None:
 
 def test_replay_against_skips_redacted_and_applies_power() -> None:
     card = BuiltinTestCard()
-    items = [PowerEvent(PowerKind.ON, atr=BuiltinTestCard.ATR),
+    items: list[Exchange | PowerEvent] = [PowerEvent(PowerKind.ON, atr=BuiltinTestCard.ATR),
              Exchange(H("0020008008"), H("9000"), command_redacted=True),
              PowerEvent(PowerKind.OFF), Exchange(ECHO, H("010203 9000"))]
     replay = CardReplay(TraceHeader(), items, card)
@@ -133,7 +134,7 @@ def test_diff_traces() -> None:
 # --- the replay card through the registry and the CLI ----------------------------------------
 
 
-def write_trace(path: Path, items: list[Exchange | PowerEvent]) -> Path:
+def write_trace(path: Path, items: Sequence[Exchange | PowerEvent]) -> Path:
     with TraceWriter(path, source="test", secrets=True) as writer:
         for item in items:
             writer.write(item)
