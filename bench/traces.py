@@ -26,10 +26,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ccidemu.ccid import CcidDataBlock, CcidXfrBlock, SlotStatus, encode_ccid  # noqa: E402
-from ccidemu.traces import Exchange, TraceHeader  # noqa: E402
-from ccidemu.traces.formats import export_lines, open_import  # noqa: E402
-from ccidemu.traces.replay import ReplayCard  # noqa: E402
+from ccidemu.ccid import CcidDataBlock, CcidXfrBlock, SlotStatus, encode_ccid
+from ccidemu.traces import Exchange, TraceHeader
+from ccidemu.traces.formats import export_lines, open_import
+from ccidemu.traces.replay import ReplayCard
 
 REPLAY_TARGET = 50_000
 MEMORY_RATIO = 2.0
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     small_n, big_n = 1_000, args.n
     against = 0.0
     print(f"{'format':10} {'APDUs/s':>10} {'baseline lines/s':>17} "
-          f"{'peak 1k':>9} {'peak {}k'.format(big_n // 1000):>10} {'ratio':>6}")
+          f"{'peak 1k':>9} {f'peak {big_n // 1000}k':>10} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         for format in FORMATS:
