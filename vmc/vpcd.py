@@ -13,6 +13,11 @@ Linux clears again after a while) before every ``recv``.
 
 Stopping: :meth:`VpcdBridge.stop` (thread-safe) wakes the loop through a self-pipe; the
 command installs SIGINT/SIGTERM handlers that call it.
+
+Tracing (``--trace``): a :class:`~ccidemu.traces.writer.TraceWriter` gets every exchange
+(command, response, time to answer) and the power events vpcd asks for (power on and
+reset with the ATR, power off; the first GET ATR of a fresh card, which powers it on, as a
+power on).  pcscd's GET ATR presence polls (about every 400 ms) are not recorded.
 """
 
 from __future__ import annotations
@@ -23,10 +28,23 @@ import os
 import select
 import socket
 import threading
+import time
 
 from ccidemu.card import Card
 from ccidemu.errors import ConfigError, DecodeError
-from ccidemu.vpcd import VpcdCardSlot, VpcdConnection, describe_event
+from ccidemu.traces.model import PowerKind
+from ccidemu.traces.writer import TraceWriter
+from ccidemu.vpcd import (
+    GetAtr,
+    PowerOff,
+    PowerOn,
+    Reset,
+    Transmit,
+    VpcdCardSlot,
+    VpcdConnection,
+    VpcdEvent,
+    describe_event,
+)
 from vmc.addr import Address, TcpAddress, connect
 from vmc.sockets import BACKOFF_MAX, BACKOFF_START, Backoff, set_nodelay
 
@@ -67,11 +85,14 @@ class VpcdBridge:
         *,
         backoff_initial: float = BACKOFF_START,
         backoff_max: float = BACKOFF_MAX,
+        trace: TraceWriter | None = None,
     ) -> None:
         if not isinstance(address, TcpAddress):
             raise ConfigError(f"vpcd listens on TCP; {address} is not a tcp:HOST:PORT address")
         self.address = address
         self.slot = VpcdCardSlot(card)
+        self.trace = trace
+        self.trace_reader = f"vpcd {address}"
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         #: Completed connections (a test can wait for a reconnect with it).
@@ -162,6 +183,27 @@ class VpcdBridge:
             self._sleep(backoff.next())
         log.info("vpcd bridge stopped")
 
+    def _traced(self, event: VpcdEvent) -> bytes:
+        """``slot.handle(event)``, recorded in the trace."""
+        trace = self.trace
+        assert trace is not None
+        before = self.slot.atr
+        started = time.time()
+        clock = time.perf_counter()
+        reply = self.slot.handle(event)
+        took = time.perf_counter() - clock
+        reader = self.trace_reader
+        if isinstance(event, Transmit):
+            trace.exchange(event.apdu, reply[2:], reader=reader, duration=took, at=started)
+        elif isinstance(event, PowerOn | Reset):
+            kind = PowerKind.ON if isinstance(event, PowerOn) else PowerKind.RESET
+            trace.power(kind, reader=reader, atr=self.slot.atr, at=started)
+        elif isinstance(event, PowerOff):
+            trace.power(PowerKind.OFF, reader=reader, at=started)
+        elif isinstance(event, GetAtr) and before is None and self.slot.atr is not None:
+            trace.power(PowerKind.ON, reader=reader, atr=self.slot.atr, at=started)
+        return reply
+
     def _serve(self, sock: socket.socket) -> str:
         """Answer vpcd until the connection ends; the reason it ended."""
         conn = VpcdConnection()
@@ -183,7 +225,8 @@ class VpcdBridge:
             try:
                 conn.receive_data(data)
                 while (event := conn.next_event()) is not None:
-                    reply = self.slot.handle(event)
+                    traced = self.trace is not None
+                    reply = self._traced(event) if traced else self.slot.handle(event)
                     self.requests += 1
                     if log.isEnabledFor(logging.DEBUG):
                         log.debug("vpcd %s -> %d bytes", describe_event(event), len(reply))

@@ -1,8 +1,9 @@
 """Card implementations and the ``--card SPEC`` registry.
 
 A spec is ``SCHEME:ARGUMENT`` (``test:``, ``piv:DIR``, ``piv:PROFILE.toml``,
-``cac:DIR``, ``cac:PROFILE.toml``, later ``pcsc:``, ``usb:``, ``replay:``).  Each scheme maps to a
-factory that receives the argument and the shared :class:`CardOptions`.
+``cac:DIR``, ``cac:PROFILE.toml``, ``replay:TRACE[,match][,mask=SPEC]``, later ``pcsc:``,
+``usb:``).  Each scheme maps to a factory that receives the argument and the shared
+:class:`CardOptions`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _FACTORIES: dict[str, str] = {
     "test": "ccidemu.cards:_open_test_card",
     "piv": "ccidemu.cards.piv_files:open_piv_card",
     "cac": "ccidemu.cards.cac_files:open_cac_card",
+    "replay": "ccidemu.traces.replay:open_replay_card",
 }
 
 

@@ -14,4 +14,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fake-qemu": ("vmc.commands.fake_qemu", "play QEMU's side of ccid-card-passthru for tests"),
     "certs": ("vmc.commands.certs", "generate test CA, certificates and keys for emulated cards"),
     "vpcd": ("vmc.commands.vpcd", "bridge a card to vsmartcard's vpcd for the host's pcscd"),
+    "trace": ("vmc.commands.trace", "import, show, replay, diff and export APDU traces"),
 }

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from ccidemu.errors import CardError, ConfigError
+from ccidemu.traces.model import PowerKind
+from ccidemu.traces.writer import TraceWriter
 from vmc.addr import parse_address
 from vmc.fakeqemu import FakeQemu
 
@@ -26,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and send each --apdu through the CCID XfrBlock path, printing the responses.",
         epilog="examples:\n"
         "  ccidemu fake-qemu --connect unix:/tmp/vsc.sock --apdu 00A4040008F0636369646D7501\n"
-        "  ccidemu fake-qemu --listen tcp:127.0.0.1:2001 --timeout 30",
+        "  ccidemu fake-qemu --listen tcp:127.0.0.1:2001 --timeout 30\n"
+        "  ccidemu fake-qemu --connect unix:/tmp/vsc.sock --apdu 80E2000010 --trace t.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = parser.add_mutually_exclusive_group(required=True)
@@ -47,11 +52,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--timeout", metavar="S", type=float, default=10.0,
         help="seconds to wait for the connection, the card and each answer (default 10)",
     )
+    parser.add_argument(
+        "--trace", type=Path, metavar="FILE",
+        help="append the exchanges (as the guest sees them) to FILE (ccidemu trace, JSON "
+        "Lines, created 0600; docs/TRACES.md)",
+    )
+    parser.add_argument(
+        "--trace-secrets", action="store_true",
+        help="write PINs and keys in the trace instead of redacting them",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     timeout: float = args.timeout
+    trace = None
+    if args.trace is not None:
+        trace = TraceWriter(args.trace, source="ccidemu fake-qemu", secrets=args.trace_secrets,
+                            reader="0")
+    try:
+        return _run(args, timeout, trace)
+    finally:
+        if trace is not None:
+            trace.close()
+
+
+def _run(args: argparse.Namespace, timeout: float, trace: TraceWriter | None) -> int:
     if args.connect:
         qemu = FakeQemu.connect(parse_address(args.connect), timeout=timeout)
     else:
@@ -65,14 +91,27 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"no card: {exc}") from None
         print(f"ATR: {atr.hex().upper()}")
         qemu.power_on(timeout=timeout)
+        if trace is not None:
+            trace.power(PowerKind.ON, reader="0", atr=atr)
         status = 0
         for apdu in args.apdu:
+            started = time.time()
+            clock = time.perf_counter()
             try:
                 response = qemu.transmit(apdu, timeout=timeout)
             except (CardError, TimeoutError) as exc:
                 print(f"> {apdu.hex().upper()}\n< error: {exc}")
                 status = 1
+                if trace is not None:
+                    trace.exchange(apdu, b"", reader="0", at=started, error=str(exc),
+                                   duration=time.perf_counter() - clock)
                 continue
+            if trace is not None:
+                trace.exchange(apdu, response, reader="0", at=started,
+                               duration=time.perf_counter() - clock)
             sw = response[-2:].hex().upper() if len(response) >= 2 else "----"
             print(f"> {apdu.hex().upper()}\n< {response[:-2].hex().upper()} SW={sw}")
+    if trace is not None and trace.failed:
+        print(trace.failed, file=sys.stderr)
+        status = 1
     return status

@@ -13,6 +13,7 @@ from typing import Any
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions, open_card
 from ccidemu.errors import CcidemuError
+from ccidemu.traces.writer import TraceWriter
 from vmc.addr import parse_address
 from vmc.vpcd import DEFAULT_VPCD_ADDRESS, VpcdBridge
 
@@ -34,6 +35,8 @@ examples:
   ccidemu vpcd --card piv:fixtures/certs --state-dir ~/.local/state/ccidemu/piv
   ccidemu vpcd --card piv:fixtures/certs --vpcd tcp:127.0.0.1:35964
   ccidemu vpcd --card cac:fixtures/cac --state-dir ~/.local/state/ccidemu/cac
+  ccidemu vpcd --card piv: --trace piv.jsonl      # record every APDU (PINs redacted)
+  ccidemu vpcd --card replay:piv.jsonl,match      # answer from a recorded trace
   opensc-tool -r 'Virtual PCD 00 00' -a     # then, in another terminal
 """
 
@@ -64,6 +67,16 @@ def register(subparsers: Any) -> None:
         "--read-only", action="store_true",
         help="never write card state to disk (changes live until the bridge exits)",
     )
+    parser.add_argument(
+        "--trace", type=Path, metavar="FILE",
+        help="append every APDU exchange and power event to FILE (ccidemu trace, JSON Lines, "
+        "created 0600; docs/TRACES.md)",
+    )
+    parser.add_argument(
+        "--trace-secrets", action="store_true",
+        help="write PINs, keys and management-key authentication data in the trace instead "
+        "of redacting them",
+    )
     parser.set_defaults(func=run)
 
 
@@ -80,7 +93,11 @@ def _open(spec: str | None, options: CardOptions) -> Card:
 def run(args: argparse.Namespace) -> int:
     address = parse_address(args.vpcd)
     card = _open(args.card, CardOptions(state_dir=args.state_dir, read_only=args.read_only))
-    bridge = VpcdBridge(card, address)
+    trace = None
+    if args.trace is not None:
+        trace = TraceWriter(args.trace, source="ccidemu vpcd", secrets=args.trace_secrets,
+                            reader=f"vpcd {address}")
+    bridge = VpcdBridge(card, address, trace=trace)
     log.info("bridging card %s to vpcd at %s", card.name, address)
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -94,4 +111,12 @@ def run(args: argparse.Namespace) -> int:
         bridge.run()
     finally:
         bridge.close()
+        if trace is not None:
+            trace.close()
+        summary = getattr(card, "summary", None)
+        if callable(summary):
+            log.info("%s", summary())
+    if trace is not None and trace.failed:
+        log.error("%s", trace.failed)
+        return 1
     return 0
