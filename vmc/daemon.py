@@ -35,14 +35,13 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ccidemu.card import Card, CardInserted, CardRemoved
 from ccidemu.cards import open_card
 from ccidemu.errors import CcidemuError, ConfigError
-from ccidemu.files import DirectoryLock, ensure_private_dir, open_private
-from ccidemu.redact import Redactor
-from ccidemu.trace import TraceRecord, format_record
+from ccidemu.files import DirectoryLock, ensure_private_dir
+from ccidemu.traces import TraceWriter
 from vmc.addr import parse_address
 from vmc.config import DEFAULT_CARD, DEFAULT_CONNECT, ServeConfig, VmConfig, load_config_file
 from vmc.control import ControlError, check_control_path
@@ -94,8 +93,7 @@ class Daemon:
         self.vms: dict[str, Vm] = {}
         self.started_at = time.monotonic()
         self._ids = itertools.count(1)
-        self._trace_file: IO[str] | None = None
-        self._redactors: dict[tuple[int, int], Redactor] = {}
+        self._trace: TraceWriter | None = None
         self._control: ControlServer | None = None
         self._control_path: Path | None = None
         self._file_vms: list[VmConfig] = []
@@ -126,7 +124,8 @@ class Daemon:
         prepared: list[_Prepared] = []
         try:
             if self.config.trace is not None:
-                self._trace_file = open_private(self.config.trace, "trace file")
+                self._trace = TraceWriter(self.config.trace, source="ccidemu serve",
+                                          secrets=self.config.trace_secrets)
                 self.tracing = True
             for vm_config in vms:
                 prepared.append(self._prepare(vm_config))
@@ -137,8 +136,8 @@ class Daemon:
         except BaseException:
             for p in prepared:
                 p.discard()
-            if self._trace_file is not None:
-                self._trace_file.close()
+            if self._trace is not None:
+                self._trace.close()
             raise
         self.loop.start()
 
@@ -215,10 +214,9 @@ class Daemon:
             self.loop.stop()
         self.host.close()
         self.resolver.shutdown(wait=False, cancel_futures=True)
-        if self._trace_file is not None:
-            with contextlib.suppress(OSError):
-                self._trace_file.close()
-            self._trace_file = None
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
         if self._control_path is not None:
             with contextlib.suppress(OSError):
                 self._control_path.unlink()
@@ -321,22 +319,15 @@ class Daemon:
     # ---------------------------------------------------------------- what VMs report
 
     def trace(self, vm: Vm, done: ApduDone) -> None:
-        f = self._trace_file
-        if f is None:
-            return
-        record = TraceRecord(
-            time=time.time() - done.duration, session=vm.id, reader=done.reader,
-            command=done.command, response=done.response, duration=done.duration,
-            error=done.error,
-        )
-        redactor = self._redactors.setdefault(
-            (vm.id, done.reader), Redactor(self.config.trace_secrets))
-        try:
-            f.write(format_record(record, redactor=redactor) + "\n")
-            f.flush()
-        except OSError as exc:
-            log.error("trace file: %s; tracing stopped", exc)
-            self._trace_file = None
+        if self._trace is not None:
+            self._trace.exchange(done.command, done.response, reader=done.reader, session=vm.id,
+                                 duration=done.duration, error=done.error)
+
+    def trace_power(self, vm: Vm, kind: str, reader: int, atr: bytes | None = None) -> None:
+        """A power or presence event of a reader (the card really powered on, off, taken
+        out or put in): in the trace, so that replaying it against a card resets alike."""
+        if self._trace is not None:
+            self._trace.power(kind, reader=reader, session=vm.id, atr=atr)
 
     def session_started(self, vm: Vm, channel: VscChannel) -> None:
         self._sessions += 1
@@ -429,6 +420,8 @@ class Daemon:
             "bytes_out": bytes_out,
             "errors": errors,
             "uptime": round(time.monotonic() - self.started_at, 3),
+            "trace": (None if self._trace is None else
+                      self._trace.failed or f"{self._trace.records} records"),
         }
 
     def _vm(self, request: dict[str, Any]) -> Vm:
@@ -473,6 +466,7 @@ class Daemon:
             if not reader.present:
                 raise ValueError(f"reader {index} has no card")
             self.host.set_presence(reader, CardRemoved())
+            self.trace_power(vm, "remove", index)
             ok(vm.describe())
             return
         if reader.present:
@@ -480,6 +474,7 @@ class Daemon:
         spec = self._check_spec(request.get("card"), peer_uid)
         if spec is None:
             self.host.set_presence(reader, CardInserted())
+            self.trace_power(vm, "insert", index)
             ok(vm.describe())
             return
 
@@ -493,6 +488,7 @@ class Daemon:
                 vm.channel.card_changed(reader)
             self.host.watch(reader)
             self.host.set_presence(reader, CardInserted())
+            self.trace_power(vm, "insert", index)
             ok(vm.describe())
 
         # Opening may take long (a PIV card: tens of ms): never in the loop thread.

@@ -315,6 +315,11 @@ class VscSession:
         return self._closed is not None
 
     @property
+    def tracing(self) -> bool:
+        """The adapter asked for :class:`ApduDone` actions (``report_exchanges``)."""
+        return self._report
+
+    @property
     def has_output(self) -> bool:
         """Bytes are queued for the peer (:meth:`data_to_send`)."""
         return bool(self._out)

@@ -162,7 +162,8 @@ def test_secrets_never_reach_the_traffic_log_or_the_trace(
     time.sleep(0.2)
     logged, traced = log.read_text(), trace.read_text()
     assert "TRAFFIC" in logged and "VERIFY" in logged, "the -vvv log was not written"
-    assert traced.count("\n") >= 12 and '"redacted":true' in traced
+    assert traced.count("\n") >= 12 and '"redacted":["command"]' in traced
+    assert '"redacted":["command","response"]' in traced  # the witness, challenges
     assert _leaks(logged, secrets) == []
     assert _leaks(traced, secrets) == []
     assert _leaks(caplog.text, secrets) == []

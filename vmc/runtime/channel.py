@@ -64,6 +64,9 @@ class ChannelOwner(Protocol):
 
     def exchange_done(self, channel: VscChannel, done: ApduDone) -> None: ...
 
+    def power_event(self, channel: VscChannel, kind: str, index: int,
+                    atr: bytes | None) -> None: ...
+
 
 class VscChannel:
     """A VSCard session on one transport (see the module docstring).  Loop thread only."""
@@ -264,11 +267,13 @@ class VscChannel:
                     assert isinstance(action, PowerOn)
                     self._shapers[action.reader].reset()
                     self.host.power_on(self._readers[action.reader],
-                                       self._powered(action.token),
+                                       self._powered(action.token, action.reader),
                                        self._power_failure(action.token))
                 elif kind is PowerOff:
                     assert isinstance(action, PowerOff)
                     self.host.power_off(self._readers[action.reader])
+                    if engine.tracing:
+                        self.owner.power_event(self, "off", action.reader, None)
                 elif kind is Closed:
                     close = True
             out = engine.data_to_send()
@@ -281,7 +286,7 @@ class VscChannel:
         elif engine.next_action() is not None or engine.has_output:
             self._pump()  # a card answered inline while we were pumping
 
-    def _powered(self, token: int) -> Callable[[object], None]:
+    def _powered(self, token: int, index: int) -> Callable[[object], None]:
         engine = self.engine
 
         def done(atr: object) -> None:
@@ -289,6 +294,8 @@ class VscChannel:
                 self._card_answer(lambda: engine.power_on_failed(
                     token, f"power-on gave {type(atr).__name__}, not an ATR", time.monotonic()))
                 return
+            if not self.dead and self.engine.tracing:
+                self.owner.power_event(self, "on", index, atr)
             self._card_answer(lambda: engine.power_on_done(token, atr, time.monotonic()))
 
         return done

@@ -72,6 +72,8 @@ class VmHost(Protocol):
 
     def trace(self, vm: Vm, done: ApduDone) -> None: ...
 
+    def trace_power(self, vm: Vm, kind: str, reader: int, atr: bytes | None = None) -> None: ...
+
     def session_started(self, vm: Vm, channel: VscChannel) -> None: ...
 
     def session_ended(self, vm: Vm, channel: VscChannel, exc: Exception | None) -> None: ...
@@ -255,6 +257,8 @@ class Vm:
         for reader in self.readers:
             if reader.plugged:  # the next peer meets a reset card
                 self.daemon.host.power_off(reader)
+                if self.daemon.tracing:
+                    self.daemon.trace_power(self, "off", reader.index)
         while self.standby and not self.closed:  # the newest waiting connection takes over
             successor = self.standby.pop()
             timer = self._timers.pop(id(successor), None)
@@ -272,6 +276,10 @@ class Vm:
 
     def exchange_done(self, channel: VscChannel, done: ApduDone) -> None:
         self.daemon.trace(self, done)
+
+    def power_event(self, channel: VscChannel, kind: str, index: int,
+                    atr: bytes | None) -> None:
+        self.daemon.trace_power(self, kind, index, atr)
 
     # ---------------------------------------------------------------- readers
 
