@@ -37,6 +37,16 @@ def register(subparsers: Any) -> None:
                    "$XDG_RUNTIME_DIR/ccidemu/control.sock)")
     p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
     sub = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
+    real_add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        q: argparse.ArgumentParser = real_add(name, **kw)
+        # --json after the action too (ctl list --json), not overriding one given before it
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the daemon's JSON answer (errors too)")
+        return q
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     sub.add_parser("list", help="VMs, their listeners and connections, and their readers")
     sub.add_parser("stats", help="counters: VMs, sessions, APDUs, bytes, errors, uptime")
     for name, text in (("remove", "remove the card of a reader"),

@@ -306,7 +306,24 @@ def run(args: argparse.Namespace) -> int:
     except DecodeError as exc:
         sys.stdout.flush()
         print(f"decode error: {exc}", file=sys.stderr)
+        if args.mode == "auto":
+            print(_what_was_tried(raw, args.form), file=sys.stderr)
         return 1
+
+
+def _what_was_tried(raw: bytes, form: str | None) -> str:
+    """For auto mode's failures: what the input looked like and what was ruled out."""
+    text = form == "hex" or (form is None and _looks_like_hex(raw))
+    head = raw[:16]
+    shown = (repr(head.decode("ascii", "replace")) if text else head.hex(" ")) + (
+        "..." if len(raw) > 16 else "")
+    return (f"  the input: {len(raw)} bytes of {'hex text' if text else 'binary data'}, "
+            f"starting {shown}\n"
+            "  tried, in order: usbmon pcap (no pcap magic), VSCard stream (first word not a "
+            "message type 1-9 in either byte order), ATR (no TS 3B/3F or not an ATR), then "
+            "command APDUs per line, which failed as shown\n"
+            "  give --as vsc|ccid|apdu|rapdu|atr|tlv|pcap|vdagent to say what it is, and "
+            "--hex or --binary if the form was guessed wrong")
 
 
 def _run(args: argparse.Namespace, raw: bytes, out: Out) -> int:

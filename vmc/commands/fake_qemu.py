@@ -79,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, timeout: float, trace: TraceWriter | None) -> int:
     if args.connect:
-        qemu = FakeQemu.connect(parse_address(args.connect), timeout=timeout)
+        address = parse_address(args.connect)
+        try:
+            qemu = FakeQemu.connect(address, timeout=timeout)
+        except OSError as exc:
+            raise ConfigError(f"cannot connect to {address}: {exc.strerror or exc} (is the "
+                              "card side, e.g. 'ccidemu serve --listen', running?)") from None
     else:
         with FakeQemu.listen(parse_address(args.listen)) as listener:
             print(f"listening on {listener.address}", file=sys.stderr)
