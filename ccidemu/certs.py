@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -157,7 +157,7 @@ def issue_certificate(
     )
 
 
-def key_pem(key: PrivateKey) -> bytes:
+def key_pem(key: PrivateKey | ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey) -> bytes:
     """PKCS#8 PEM, unencrypted (RFC 5208 / RFC 7468 "PRIVATE KEY")."""
     return key.private_bytes(
         serialization.Encoding.PEM,

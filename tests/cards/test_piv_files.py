@@ -295,16 +295,16 @@ def test_corrupt_state_file_is_named(tmp_path: Path) -> None:
             open_card(f"piv:{cards}", CardOptions(state_dir=state_dir))
 
 
-@pytest.mark.parametrize("kind", ["p521", "ed25519"])
+@pytest.mark.parametrize("kind", ["p521", "ed448"])
 def test_saved_key_of_an_unsupported_type_is_a_corrupt_state(tmp_path: Path,
                                                              kind: str) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.asymmetric import ed448
 
     from ccidemu.cards.piv import PivState
     from ccidemu.cards.piv_files import StateStore
 
     key = (ec.generate_private_key(ec.SECP521R1()) if kind == "p521"
-           else ed25519.Ed25519PrivateKey.generate())
+           else ed448.Ed448PrivateKey.generate())
     pem = key.private_bytes(_E.PEM, _F.PKCS8, serialization.NoEncryption()).decode()
     path = tmp_path / "piv-x.json"
     path.write_text(json.dumps(dict(GOOD_STATE, keys={"9a": pem})))
