@@ -9,9 +9,6 @@ Every test works on a fresh copy of fixtures/certs and its own state directory.
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,56 +17,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from vmc.lab.pcscd import OPENSC_PKCS11, READER, PcscdHarness
+from tests.pcscd.pivsetup import FIXTURES, PIN, PUK, PivSetup
+from vmc.lab.pcscd import READER
 
 pytestmark = pytest.mark.pcscd
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
-PIN, PUK = "123456", "12345678"
-YKPIV = ("yubico-piv-tool", "-r", READER)
-
-
-@dataclass
-class PivSetup:
-    pcscd: PcscdHarness
-    certs: Path  # this test's copy of fixtures/certs
-    state: Path
-    work: Path
-
-    @property
-    def spec(self) -> str:
-        return f"piv:{self.certs / 'card.toml'}"
-
-    def start(self) -> None:
-        self.pcscd.start_bridge(self.spec, "--state-dir", str(self.state))
-
-    def restart_bridge(self) -> None:
-        assert self.pcscd.stop_bridge() == 0
-        self.start()
-
-    def run(self, *argv: str, check: bool = True) -> str:
-        # HOME: OpenSC's file cache (~/.cache/opensc) stays per test
-        result = self.pcscd.run(*argv, check=check, env={"HOME": str(self.work)})
-        return result.stdout + result.stderr
-
-    def p11(self, *args: str, check: bool = True) -> str:
-        return self.run("pkcs11-tool", "--module", str(OPENSC_PKCS11), *args, check=check)
-
-    def ykpiv(self, *args: str, check: bool = True) -> str:
-        return self.run(*YKPIV, *args, check=check)
-
-    def cert(self, slot: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate((self.certs / f"{slot}.crt").read_bytes())
-
-
-@pytest.fixture
-def piv(pcscd: PcscdHarness, tmp_path: Path) -> Iterator[PivSetup]:
-    certs = tmp_path / "certs"
-    shutil.copytree(FIXTURES, certs)
-    setup = PivSetup(pcscd, certs, tmp_path / "state", tmp_path)
-    setup.state.mkdir()
-    setup.start()
-    yield setup
 
 
 def _verify(cert: x509.Certificate, signature: bytes, data: bytes) -> None:
