@@ -182,3 +182,18 @@ def test_state_survives_bridge_restart(piv: PivSetup) -> None:
     )
     # the fixtures themselves were never touched
     assert (FIXTURES / "9e.crt").read_bytes() != cert_path.read_bytes()
+
+
+def test_pkcs11_derive_ecdh_9e(piv: PivSetup) -> None:
+    """``pkcs11-tool --derive`` (ECDH) with the 9E key: OpenSC allows it only because the
+    certificate's key usage has keyAgreement (``ccidemu certs generate``)."""
+    from cryptography.hazmat.primitives import serialization
+
+    card_key = piv.cert("9e").public_key()
+    assert isinstance(card_key, ec.EllipticCurvePublicKey)
+    peer = ec.generate_private_key(card_key.curve)
+    (piv.work / "peer.der").write_bytes(peer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    piv.p11("--login", "--pin", PIN, "--derive", "--id", "04", "-m", "ECDH1-DERIVE",
+            "-i", str(piv.work / "peer.der"), "-o", str(piv.work / "shared"))
+    assert (piv.work / "shared").read_bytes() == peer.exchange(ec.ECDH(), card_key)

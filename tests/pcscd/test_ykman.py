@@ -369,3 +369,19 @@ def test_ykpiv_with_a_yubikey5_identity(pcscd: PcscdHarness, tmp_path: Path) -> 
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import padding
         key.verify((piv.work / "s").read_bytes(), data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_touch_delay_through_the_bridge(piv: PivSetup) -> None:
+    """``ccidemu vpcd --touch-delay``: the card waits for its (delayed) touch in the bridge's
+    thread; ykman's certificate generation with a touch-always key completes."""
+    assert piv.pcscd.stop_bridge() == 0
+    piv.pcscd.start_bridge(piv.spec, "--state-dir", str(piv.state), "--touch-delay", "0.5")
+    pub = piv.work / "9a.pub"
+    ykman(piv, "keys", "generate", "-m", MGMT, "-a", "ECCP256", "--touch-policy", "ALWAYS",
+          "9a", str(pub))
+    out = ykman(piv, "certificates", "generate", "-m", MGMT, "-P", PIN, "-s", "CN=touched",
+                "9a", str(pub))
+    assert "Certificate generated in slot AUTHENTICATION." in out, out
+    ykman(piv, "certificates", "export", "9a", str(piv.work / "c.pem"))
+    cert = x509.load_pem_x509_certificate((piv.work / "c.pem").read_bytes())
+    cert.verify_directly_issued_by(cert)

@@ -12,8 +12,9 @@ from typing import Any
 
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions, open_card
-from ccidemu.errors import CcidemuError
+from ccidemu.errors import CcidemuError, ConfigError
 from vmc.addr import parse_address
+from vmc.touch import DelayedTouch
 from vmc.vpcd import DEFAULT_VPCD_ADDRESS, VpcdBridge
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ examples:
   ccidemu vpcd --card test:
   ccidemu vpcd --card piv:fixtures/certs --state-dir ~/.local/state/ccidemu/piv
   ccidemu vpcd --card piv:fixtures/certs --vpcd tcp:127.0.0.1:35964
+  ccidemu vpcd --card piv:fixtures/certs/card.toml --touch-delay 2   # see touch prompts
   opensc-tool -r 'Virtual PCD 00 00' -a     # then, in another terminal
 """
 
@@ -63,6 +65,11 @@ def register(subparsers: Any) -> None:
         "--read-only", action="store_true",
         help="never write card state to disk (changes live until the bridge exits)",
     )
+    parser.add_argument(
+        "--touch-delay", metavar="SECONDS", type=float, default=None,
+        help="cards with a touch button (PIV keys with a touch policy) are touched this many "
+        "seconds after they ask (default: at once)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -78,7 +85,11 @@ def _open(spec: str | None, options: CardOptions) -> Card:
 
 def run(args: argparse.Namespace) -> int:
     address = parse_address(args.vpcd)
-    card = _open(args.card, CardOptions(state_dir=args.state_dir, read_only=args.read_only))
+    if args.touch_delay is not None and args.touch_delay < 0:
+        raise ConfigError("--touch-delay cannot be negative")
+    touch = None if args.touch_delay is None else DelayedTouch(args.touch_delay)
+    card = _open(args.card, CardOptions(state_dir=args.state_dir, read_only=args.read_only,
+                                        touch=touch))
     bridge = VpcdBridge(card, address)
     log.info("bridging card %s to vpcd at %s", card.name, address)
 
