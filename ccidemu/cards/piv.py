@@ -665,6 +665,9 @@ _TAG_TOUCH_POLICY = 0xAB
 _META_ALGORITHM, _META_POLICY, _META_ORIGIN, _META_PUBLIC, _META_DEFAULT, _META_RETRIES = (
     0x01, 0x02, 0x03, 0x04, 0x05, 0x06)
 _META_PIN_ALGORITHM = b"\xff"
+#: Plain ints for the signing hot path (an enum member lookup costs more).
+_PIN_ONCE, _PIN_ALWAYS, _TOUCH_NEVER = int(PinPolicy.ONCE), int(PinPolicy.ALWAYS), int(
+    TouchPolicy.NEVER)
 _DELETE = 0xFF  # MOVE KEY P1: delete the key in P2
 
 
@@ -1068,15 +1071,15 @@ class PivCard:
         if (entry is None or entry.key is not self.state.keys.get(slot)
                 or entry.algorithm != cmd.p1):
             entry = self._slot_key(slot, cmd.p1)  # (re)built, or the error raised
-        pin = entry.pin  # access rules as in _check_key_access, inlined
-        if pin == PinPolicy.ONCE:
+        pin = entry.pin  # access rules as in _check_key_access, inlined (plain ints)
+        if pin == _PIN_ONCE:
             if not self.pin_verified:
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
-        elif pin == PinPolicy.ALWAYS:
+        elif pin == _PIN_ALWAYS:
             if not self.pin_always:
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN always")
             self.pin_always = False
-        if entry.touch != TouchPolicy.NEVER:
+        if entry.touch != _TOUCH_NEVER:
             self._ask_touch(slot, entry.touch)
         challenge = data[form[1]:]
         if entry.ecdsa is not None and entry.ec_key is not None and len(challenge) == entry.size:
