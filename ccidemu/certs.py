@@ -1,4 +1,5 @@
-"""Test PKI for emulated cards: a throw-away CA and one certificate + key per PIV slot.
+"""Test PKI for emulated cards: a throw-away CA, one certificate + key per PIV slot, and a
+PIV attestation key with its own attestation CA.
 
 ``ccidemu certs generate DIR`` writes, using the slot naming convention that
 :mod:`ccidemu.cards.piv_files` reads (``<slot>.crt`` PEM certificate and
@@ -10,24 +11,31 @@ slot   key         certificate purpose (SP 800-73-4 part 1 section 3.1)
 9a     RSA-2048    PIV Authentication: digitalSignature, clientAuth
 9c     ECC P-256   Digital Signature: digitalSignature, nonRepudiation
 9d     RSA-2048    Key Management: keyEncipherment, dataEncipherment (decrypt)
-9e     ECC P-384   Card Authentication: digitalSignature
+9e     ECC P-384   Card Authentication: digitalSignature, keyAgreement (ECDH)
+f9     ECC P-256   the attestation key; its certificate is a CA issued by the
+                   attestation CA (Yubico's PIV attestation scheme)
 =====  ==========  ===========================================================
 
-plus ``ca.crt`` / ``ca.key`` (ECC P-256 root that signed them) and ``card.toml``
-(an example card profile naming the same files).  The keys are for tests only:
-they are written unencrypted and must never protect anything real.
+Each slot's algorithm can be chosen (``--algorithm 9d=p384``; RSA 1024-4096, P-256,
+P-384, Ed25519, X25519).  An EC certificate meant for key agreement (9D, 9E) carries
+keyAgreement in its key usage: OpenSC's ``pkcs11-tool --derive`` needs it (RFC 5280
+section 4.2.1.3).  Also written: ``ca.crt`` / ``ca.key`` (ECC P-256 root that signed
+the slot certificates), ``attestation-ca.crt`` / ``attestation-ca.key`` (the root that
+signed ``f9.crt``; attestation certificates verify against it) and ``card.toml`` (an
+example card profile naming the same files).  The keys are for tests only: they are
+written unencrypted and must never protect anything real.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -46,30 +54,41 @@ class SlotSpec:
     """What ``generate_test_set`` puts in one slot."""
 
     slot: str  # lower-case hex key reference, e.g. "9a"
-    key_type: str  # "rsa2048", "p256" or "p384"
+    key_type: str  # one of KEY_TYPES
     common_name: str
-    key_usage: str  # "sign" or "decrypt"
+    key_usage: str  # "sign", "decrypt" or "sign+agree" (signature and ECDH)
 
 
 TEST_SLOTS: tuple[SlotSpec, ...] = (
     SlotSpec("9a", "rsa2048", "ccidemu Test User (PIV Authentication)", "sign"),
     SlotSpec("9c", "p256", "ccidemu Test User (Digital Signature)", "sign"),
     SlotSpec("9d", "rsa2048", "ccidemu Test User (Key Management)", "decrypt"),
-    SlotSpec("9e", "p384", "ccidemu Test Card (Card Authentication)", "sign"),
+    SlotSpec("9e", "p384", "ccidemu Test Card (Card Authentication)", "sign+agree"),
 )
+#: The attestation key (slot F9) and its CA.
+ATTESTATION_KEY_TYPE = "p256"
+ATTESTATION_SUBJECT = "ccidemu PIV Attestation"
+ATTESTATION_CA_SUBJECT = "ccidemu PIV Attestation CA"
+
+KEY_TYPES = ("rsa1024", "rsa2048", "rsa3072", "rsa4096", "p256", "p384", "ed25519", "x25519")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+AnyPrivateKey = PrivateKey | ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey
 
 
-def new_private_key(key_type: str) -> PrivateKey:
-    """A fresh key: ``rsa1024``, ``rsa2048``, ``rsa3072``, ``rsa4096``, ``p256`` or ``p384``."""
+def new_private_key(key_type: str) -> AnyPrivateKey:
+    """A fresh key of one of :data:`KEY_TYPES` (``rsa2048``, ``p256``, ``ed25519``, ...)."""
     if key_type.startswith("rsa") and key_type[3:] in ("1024", "2048", "3072", "4096"):
         return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
     if key_type == "p256":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "p384":
         return ec.generate_private_key(ec.SECP384R1())
-    raise ConfigError(f"unknown key type {key_type!r}")
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type == "x25519":
+        return x25519.X25519PrivateKey.generate()
+    raise ConfigError(f"unknown key type {key_type!r} (one of {', '.join(KEY_TYPES)})")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -87,9 +106,10 @@ def _hash_for(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | hashes.S
     return hashes.SHA256()
 
 
-def make_ca(common_name: str = "ccidemu Test CA") -> tuple[ec.EllipticCurvePrivateKey,
-                                                        x509.Certificate]:
-    """A self-signed P-256 root CA (RFC 5280 section 4.2.1.9 basicConstraints cA=TRUE)."""
+def make_ca(common_name: str = "ccidemu Test CA", path_length: int = 0
+            ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed P-256 root CA (RFC 5280 section 4.2.1.9 basicConstraints cA=TRUE;
+    ``path_length`` CAs may follow it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name(common_name)
     cert = (
@@ -100,15 +120,8 @@ def make_ca(common_name: str = "ccidemu Test CA") -> tuple[ec.EllipticCurvePriva
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOT_BEFORE)
         .not_valid_after(NOT_AFTER)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                        critical=False)
         .sign(key, hashes.SHA256())
@@ -116,22 +129,66 @@ def make_ca(common_name: str = "ccidemu Test CA") -> tuple[ec.EllipticCurvePriva
     return key, cert
 
 
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=False, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+    crl_sign=True, encipher_only=False, decipher_only=False,
+)
+
+
+def issue_attestation_key(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                          key_type: str = ATTESTATION_KEY_TYPE
+                          ) -> tuple[AnyPrivateKey, x509.Certificate]:
+    """The slot F9 attestation key and its certificate: a CA (cA=TRUE, pathLen 0) issued
+    by the attestation CA, as Yubico's factory "PIV Attestation" certificates are; the
+    attestation certificates the card makes are issued by it and copy its validity."""
+    key = new_private_key(key_type)
+    if isinstance(key, x25519.X25519PrivateKey):
+        raise ConfigError("an attestation key must be able to sign (not X25519)")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(ATTESTATION_SUBJECT))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
 def issue_certificate(
     ca_key: CertificateIssuerPrivateKeyTypes,
     ca_cert: x509.Certificate,
-    key: PrivateKey,
+    key: AnyPrivateKey,
     common_name: str,
     usage: str = "sign",
 ) -> x509.Certificate:
-    """An end-entity certificate for ``key`` signed by the CA (``usage`` "sign" or "decrypt")."""
+    """An end-entity certificate for ``key`` signed by the CA.
+
+    ``usage``: "sign" (digitalSignature; nonRepudiation for EC), "decrypt" (RSA:
+    keyEncipherment + dataEncipherment; EC and X25519: keyAgreement) or "sign+agree"
+    (digitalSignature, plus keyAgreement for EC).  RFC 5280 section 4.2.1.3.  An X25519
+    key can only agree keys, whatever is asked.
+    """
     is_rsa = isinstance(key, rsa.RSAPrivateKey)
-    decrypt = usage == "decrypt"
+    is_x25519 = isinstance(key, x25519.X25519PrivateKey)
+    decrypt = usage == "decrypt" or is_x25519
+    agree = not is_rsa and (decrypt or usage == "sign+agree")
     key_usage = x509.KeyUsage(
         digital_signature=not decrypt,
-        content_commitment=not decrypt and not is_rsa,
+        content_commitment=usage == "sign" and not is_rsa and not is_x25519,
         key_encipherment=decrypt and is_rsa,
         data_encipherment=decrypt and is_rsa,
-        key_agreement=decrypt and not is_rsa,
+        key_agreement=agree,
         key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
     )
     eku = [ExtendedKeyUsageOID.CLIENT_AUTH] if not decrypt else [
@@ -157,7 +214,7 @@ def issue_certificate(
     )
 
 
-def key_pem(key: PrivateKey) -> bytes:
+def key_pem(key: AnyPrivateKey) -> bytes:
     """PKCS#8 PEM, unencrypted (RFC 5208 / RFC 7468 "PRIVATE KEY")."""
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -170,12 +227,26 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def profile_example() -> str:
+def slot_specs(algorithms: dict[str, str] | None = None) -> tuple[SlotSpec, ...]:
+    """:data:`TEST_SLOTS` with the key types ``algorithms`` (slot -> key type) asks for."""
+    algorithms = dict(algorithms or {})
+    known = {spec.slot for spec in TEST_SLOTS}
+    for slot, key_type in algorithms.items():
+        if slot not in known:
+            raise ConfigError(f"--algorithm {slot}={key_type}: slot {slot!r} is not one of "
+                              f"{', '.join(sorted(known))}")
+        if key_type not in KEY_TYPES:
+            raise ConfigError(f"--algorithm {slot}={key_type}: unknown key type (one of "
+                              f"{', '.join(KEY_TYPES)})")
+    return tuple(replace(spec, key_type=algorithms.get(spec.slot, spec.key_type))
+                 for spec in TEST_SLOTS)
+
+
+def profile_example(specs: tuple[SlotSpec, ...] = TEST_SLOTS, attestation: bool = True) -> str:
     """The example ``card.toml`` written beside the generated files."""
-    slots = "\n".join(
-        f'[slots.{spec.slot}]\ncert = "{spec.slot}.crt"\nkey = "{spec.slot}.key"\n'
-        for spec in TEST_SLOTS
-    )
+    names = [spec.slot for spec in specs] + (["f9"] if attestation else [])
+    slots = "\n".join(f'[slots.{slot}]\ncert = "{slot}.crt"\nkey = "{slot}.key"\n'
+                      for slot in names)
     return (
         "# ccidemu PIV card profile (use as --card piv:PATH/card.toml).\n"
         "# Paths are relative to this file.  See fixtures/certs/README.md.\n"
@@ -186,21 +257,32 @@ def profile_example() -> str:
         "pin_retries = 3\n"
         "puk_retries = 3\n"
         'guid = "63636964656d752d7069762d74657374"\n'
-        'label = "ccidemu demo PIV"\n\n'
+        'label = "ccidemu demo PIV"\n'
+        "serial = 10203040\n"
+        '# identity = "yubikey5"    # a YubiKey 5 (ATR, name, management application)\n'
+        '# firmware = "5.7.1"       # gates the Yubico PIV extensions\n'
+        '# form_factor = "usb-a-keychain"\n\n'
         f"{slots}"
     )
 
 
-def generate_test_set(directory: Path, *, force: bool = False) -> list[Path]:
-    """Write the CA, the four slot certificates/keys and ``card.toml`` into ``directory``.
+def generate_test_set(directory: Path, *, force: bool = False,
+                      algorithms: dict[str, str] | None = None,
+                      attestation: bool = True) -> list[Path]:
+    """Write the CA, the four slot certificates/keys, the attestation CA and F9 key and
+    ``card.toml`` into ``directory``.
 
+    ``algorithms``: slot -> key type for slots that should not have the default.
     Refuses (ConfigError) to overwrite existing files unless ``force``.  Returns the
     paths written.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    specs = slot_specs(algorithms)
     names = ["ca.crt", "ca.key", "card.toml"]
-    for spec in TEST_SLOTS:
+    for spec in specs:
         names += [f"{spec.slot}.crt", f"{spec.slot}.key"]
+    if attestation:
+        names += ["attestation-ca.crt", "attestation-ca.key", "f9.crt", "f9.key"]
+    directory.mkdir(parents=True, exist_ok=True)
     existing = [n for n in names if (directory / n).exists()]
     if existing and not force:
         raise ConfigError(
@@ -208,12 +290,19 @@ def generate_test_set(directory: Path, *, force: bool = False) -> list[Path]:
         )
     ca_key, ca_cert = make_ca()
     outputs: dict[str, bytes] = {"ca.crt": cert_pem(ca_cert), "ca.key": key_pem(ca_key)}
-    for spec in TEST_SLOTS:
+    for spec in specs:
         key = new_private_key(spec.key_type)
         cert = issue_certificate(ca_key, ca_cert, key, spec.common_name, spec.key_usage)
         outputs[f"{spec.slot}.crt"] = cert_pem(cert)
         outputs[f"{spec.slot}.key"] = key_pem(key)
-    outputs["card.toml"] = profile_example().encode()
+    if attestation:
+        att_ca_key, att_ca_cert = make_ca(ATTESTATION_CA_SUBJECT, path_length=1)
+        f9_key, f9_cert = issue_attestation_key(att_ca_key, att_ca_cert)
+        outputs["attestation-ca.crt"] = cert_pem(att_ca_cert)
+        outputs["attestation-ca.key"] = key_pem(att_ca_key)
+        outputs["f9.crt"] = cert_pem(f9_cert)
+        outputs["f9.key"] = key_pem(f9_key)
+    outputs["card.toml"] = profile_example(specs, attestation).encode()
     written = []
     for name, data in outputs.items():
         path = directory / name

@@ -13,6 +13,8 @@ import os
 import re
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from ccidemu.card import BuiltinTestCard
 
@@ -91,3 +93,17 @@ def opensc_responses(output: str) -> list[bytes]:
             data += got
         responses.append(bytes(data) + bytes.fromhex(m.group(1) + m.group(2)))
     return responses
+
+
+def private_parts(key: object) -> list[bytes]:
+    """The secret values of a private key as a card could leak them (big-endian bytes):
+    RSA d, p, q; the EC scalar; the raw Curve25519 key.  For "never leaks" assertions."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        n = key.private_numbers()
+        return [x.to_bytes((x.bit_length() + 7) // 8, "big") for x in (n.d, n.p, n.q)]
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        v = key.private_numbers().private_value
+        return [v.to_bytes((key.curve.key_size + 7) // 8, "big")]
+    if isinstance(key, ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey):
+        return [key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())]
+    raise TypeError(type(key).__name__)

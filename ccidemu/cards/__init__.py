@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ccidemu.card import BuiltinTestCard, Card
 from ccidemu.errors import ConfigError
@@ -23,6 +24,11 @@ class CardOptions:
 
     state_dir: Path | None = None  # where changed card state persists; None = in memory
     read_only: bool = False  # never write card state to disk
+    #: the runtime's touch sensor for cards with a touch button (the PIV card's touch
+    #: policies): called with a ``ccidemu.cards.piv.TouchRequest``, True when touched.  It
+    #: may wait (a delay, a ``ctl touch``); a card given one is a blocking card.  None:
+    #: every touch is pressed at once.
+    touch: Callable[[Any], bool] | None = None
 
 
 CardFactory = Callable[[str, CardOptions], Card]

@@ -1,47 +1,72 @@
-"""The PIV card engine: NIST SP 800-73-4 parts 1 (data model) and 2 (card commands).
+"""The PIV card engine: NIST SP 800-73-4 parts 1 (data model) and 2 (card commands), with
+the Yubico PIV extensions (``docs/YUBIKEY.md``).
 
 Pure: no file I/O, no clocks.  Everything a command can change lives in one
 :class:`PivState`; after each change the engine calls ``on_change(state)`` (which
 :mod:`ccidemu.cards.piv_files` uses to persist it).  Commands go through the shared
 :class:`~ccidemu.cards.iso.IsoDispatcher` (chaining, GET RESPONSE, status words).
 
-Theory of operation: the PIV application is the card's only and default application
-(SP 800-73-4 part 2 section 3.1.1); SELECT by its full or right-truncated AID answers
-the application property template.  Security status (SP 800-73-4 part 1 section 4.2):
-``pin_verified`` after a good VERIFY, cleared by VERIFY P1=FF, power-off and a SELECT
-of the PIV application (all three flags; see :meth:`PivCard._select`);
-``pin_always`` (slot 9C, "PIN always") set by a good VERIFY and consumed by one 9C
-operation; ``admin`` after management key (9B) authentication, needed by GENERATE
-ASYMMETRIC KEY PAIR, PUT DATA and SET MANAGEMENT KEY.
+Theory of operation: the PIV application is the card's default application (SP 800-73-4
+part 2 section 3.1.1); SELECT by its full or right-truncated AID answers the application
+property template.  A ``yubikey5`` identity also has the YubiKey management application
+(:mod:`ccidemu.cards.yubikey`), selected by its AID; SELECT of PIV comes back.
 
-Supported instructions (SP 800-73-4 part 2 section 3, YubiKey extension marked Y):
+Security status (SP 800-73-4 part 1 section 4.2): ``pin_verified`` after a good VERIFY,
+cleared by VERIFY P1=FF, power-off and a SELECT of the PIV application; ``pin_always``
+set by a good VERIFY and consumed by one use of a key whose PIN policy is "always";
+``admin`` after management key (9B) authentication, needed by GENERATE ASYMMETRIC KEY
+PAIR, PUT DATA and the Yubico key and management commands.
+
+Every key slot has a PIN policy and a touch policy (Yubico extension, tags AA and AB of
+GENERATE and IMPORT): "never" (no PIN), "once" (``pin_verified``), "always"
+(``pin_always``); the defaults are SP 800-73-4's access rules (9C always, 9E never, the
+others once).  A key whose touch policy is "always" or "cached" asks the card's touch
+sensor before each use (:data:`TouchSensor`): by default the touch is pressed at once; an
+adapter may give a sensor that waits (and run the card off its event loop,
+:class:`BlockingPivCard`).  The card itself never waits and never reads a clock.
+
+Supported instructions (SP 800-73-4 part 2 section 3; Yubico extensions marked Y):
 A4 SELECT, CB GET DATA, DB PUT DATA, 20 VERIFY, 24 CHANGE REFERENCE DATA,
 2C RESET RETRY COUNTER, 87 GENERAL AUTHENTICATE, 47 GENERATE ASYMMETRIC KEY PAIR,
-FF SET MANAGEMENT KEY (Y).  No command returns private key material.
+FD GET VERSION (Y), F8 GET SERIAL (Y), F7 GET METADATA (Y), FE IMPORT ASYMMETRIC KEY (Y),
+FF SET MANAGEMENT KEY (Y), FA SET PIN RETRIES (Y), FB RESET (Y), F6 MOVE/DELETE KEY (Y),
+F9 ATTEST (Y).  The firmware version of the card's identity gates the Yubico ones as the
+real firmware does (:class:`ccidemu.cards.yubikey.Features`).  No command returns private
+key material.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
 
+from cryptography import x509
 from cryptography.exceptions import InvalidKey, UnsupportedAlgorithm
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ccidemu import rsa_raw
 from ccidemu.apdu import CommandApdu
-from ccidemu.atr import compute_tck
 from ccidemu.cards.iso import IsoDispatcher
+from ccidemu.cards.piv_attest import attestation_certificate
+from ccidemu.cards.yubikey import (
+    DEFAULT_VERSION,
+    MANAGEMENT_AID,
+    Features,
+    Identity,
+    Kind,
+    ManagementApplet,
+)
 from ccidemu.errors import DecodeError, StatusWordError
 from ccidemu.sw import SW
 from ccidemu.tlv import (
@@ -55,7 +80,8 @@ from ccidemu.tlv import (
 
 log = logging.getLogger(__name__)
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PrivateKey = (rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+              | x25519.X25519PrivateKey)
 
 #: The PIV application identifier (SP 800-73-4 part 1 section 2.2): RID A000000308, PIX
 #: 00001000 0100 (application 0x1000, version 0x0100).
@@ -65,11 +91,10 @@ PIV_PIX = PIV_AID[5:]
 #: The shortest right-truncated AID accepted by SELECT (the RID, as yubico-piv-tool sends).
 MIN_SELECT_AID = 5
 
-#: ATR (ISO/IEC 7816-3 section 8.2): TS=3B direct, T0=8C (TD1, 12 historical bytes),
-#: TD1=80 (TD2, T=0), TD2=01 (T=1), proprietary historical bytes "ccidemu-PIV1", TCK.
-#: No YubiKey-like historical bytes: those switch OpenSC into YubiKey quirks.
-_ATR_BODY = bytes.fromhex("3B8C8001") + b"ccidemu-PIV1"
-ATR = _ATR_BODY + bytes((compute_tck(_ATR_BODY),))
+#: The default identity's ATR (``ccidemu.cards.yubikey.CCIDEMU_ATR``): ISO/IEC 7816-4
+#: historical bytes (category 80, card capabilities, issuer's data "ccidemu").  Not a
+#: YubiKey's: YubiKey historical bytes switch OpenSC into YubiKey quirks.
+ATR = Identity().atr
 
 PIN_MAX_LENGTH = 8
 PIN_MIN_LENGTH = 6
@@ -77,10 +102,11 @@ DEFAULT_PIN = b"123456"
 DEFAULT_PUK = b"12345678"
 DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
 DEFAULT_RETRIES = 3
+MAX_RETRIES = 255  # SET PIN RETRIES takes one byte; 63Cx shows at most 15
 
 
 class Algorithm(IntEnum):
-    """Cryptographic mechanism identifiers (SP 800-78-4 table 6-2; 05/16 as YubiKey)."""
+    """Cryptographic mechanism identifiers (SP 800-78-4 table 6-2; 05/16/E0/E1 Yubico)."""
 
     TDES_DEFAULT = 0x00  # "3 key TDES" for the card management key (SP 800-78-4)
     TDES = 0x03
@@ -93,10 +119,12 @@ class Algorithm(IntEnum):
     ECCP256 = 0x11
     ECCP384 = 0x14
     RSA4096 = 0x16
+    ED25519 = 0xE0
+    X25519 = 0xE1
 
 
 class KeyRef(IntEnum):
-    """Key references (SP 800-73-4 part 1 table 4)."""
+    """Key references (SP 800-73-4 part 1 table 4; F9 Yubico's attestation key)."""
 
     PIN = 0x80
     PUK = 0x81
@@ -105,15 +133,57 @@ class KeyRef(IntEnum):
     SIGNATURE = 0x9C
     KEY_MANAGEMENT = 0x9D
     CARD_AUTHENTICATION = 0x9E
+    ATTESTATION = 0xF9
+
+
+class PinPolicy(IntEnum):
+    """PIN policy of a key (Yubico extension, tag AA; MATCH_* need a fingerprint sensor)."""
+
+    DEFAULT = 0x00
+    NEVER = 0x01
+    ONCE = 0x02
+    ALWAYS = 0x03
+    MATCH_ONCE = 0x04
+    MATCH_ALWAYS = 0x05
+
+
+class TouchPolicy(IntEnum):
+    """Touch policy of a key (Yubico extension, tag AB)."""
+
+    DEFAULT = 0x00
+    NEVER = 0x01
+    ALWAYS = 0x02
+    CACHED = 0x03  # a touch counts for 15 s (the sensor keeps that time, not the card)
+
+
+class Origin(IntEnum):
+    """Where a key came from (GET METADATA tag 03)."""
+
+    GENERATED = 0x01
+    IMPORTED = 0x02
 
 
 RETIRED_SLOTS = tuple(range(0x82, 0x96))
+#: Slots whose key GENERAL AUTHENTICATE uses.
 ASYMMETRIC_SLOTS = (0x9A, 0x9C, 0x9D, 0x9E, *RETIRED_SLOTS)
 _ASYMMETRIC_SLOT_SET = frozenset(ASYMMETRIC_SLOTS)
+#: Slots that hold a private key: the above and the attestation key F9.
+KEY_SLOTS = (*ASYMMETRIC_SLOTS, KeyRef.ATTESTATION)
+_KEY_SLOT_SET = frozenset(KEY_SLOTS)
+
+
+def default_pin_policy(slot: int) -> PinPolicy:
+    """SP 800-73-4 part 1 table 4b as YubiKeys apply it: 9C always, 9E and F9 never,
+    the others once."""
+    if slot == KeyRef.SIGNATURE:
+        return PinPolicy.ALWAYS
+    if slot in (KeyRef.CARD_AUTHENTICATION, KeyRef.ATTESTATION):
+        return PinPolicy.NEVER
+    return PinPolicy.ONCE
 
 
 class ObjectTag(IntEnum):
-    """BER-TLV tags of the PIV data objects (SP 800-73-4 part 1 table 3)."""
+    """BER-TLV tags of the PIV data objects (SP 800-73-4 part 1 table 3; 5FFFxx Yubico)."""
 
     CARD_CAPABILITY_CONTAINER = 0x5FC107
     CHUID = 0x5FC102
@@ -129,15 +199,18 @@ class ObjectTag(IntEnum):
     IRIS_IMAGES = 0x5FC121
     DISCOVERY = 0x7E
     BIOMETRIC_GROUP = 0x7F61
+    ADMIN_DATA = 0x5FFF00  # ykman's "pivman" data
+    CERT_F9 = 0x5FFF01  # the attestation certificate
 
 
-#: Certificate object per key reference (SP 800-73-4 part 1 tables 3 and 4).
+#: Certificate object per key reference (SP 800-73-4 part 1 tables 3 and 4; F9 Yubico).
 CERT_OBJECTS: dict[int, int] = {
     0x9A: ObjectTag.CERT_9A,
     0x9C: ObjectTag.CERT_9C,
     0x9D: ObjectTag.CERT_9D,
     0x9E: ObjectTag.CERT_9E,
     **{slot: 0x5FC10D + i for i, slot in enumerate(RETIRED_SLOTS)},
+    0xF9: ObjectTag.CERT_F9,
 }
 
 #: The certificate objects of the retired key slots 82-95 (5FC10D-5FC120).
@@ -149,6 +222,8 @@ PIN_PROTECTED_OBJECTS = frozenset(
     {ObjectTag.FINGERPRINTS, ObjectTag.FACIAL_IMAGE, ObjectTag.PRINTED_INFORMATION,
      ObjectTag.IRIS_IMAGES}
 )
+#: What RESET keeps: the fixed Discovery object and the attestation certificate.
+_KEPT_BY_RESET = frozenset({int(ObjectTag.DISCOVERY), int(ObjectTag.CERT_F9)})
 
 
 def is_valid_object_tag(tag: int) -> bool:
@@ -227,11 +302,25 @@ def key_history_object(on_card: int, off_card: int = 0) -> bytes:
     ]))
 
 
-def application_property_template(label: str = "") -> bytes:
-    """SELECT response (part 2 section 3.1.1, table 3): 61 { 4F PIX, 79 { 4F RID }, 50, AC }."""
-    algorithms_ = b"".join(ber_encode(0x80, bytes((a,))) for a in (
-        Algorithm.TDES, Algorithm.RSA1024, Algorithm.RSA2048, Algorithm.AES128,
-        Algorithm.AES192, Algorithm.AES256, Algorithm.ECCP256, Algorithm.ECCP384))
+def application_property_template(label: str = "", features: Features | None = None
+                                  ) -> bytes:
+    """SELECT response (part 2 section 3.1.1, table 3): 61 { 4F PIX, 79 { 4F RID }, 50, AC }.
+
+    AC lists the algorithms the card has (80 each, then 06 empty), as far as its firmware
+    version allows them.
+    """
+    features = features or Features(DEFAULT_VERSION)
+    supported = [Algorithm.TDES, Algorithm.RSA1024, Algorithm.RSA2048]
+    if features.large_rsa:
+        supported += [Algorithm.RSA3072, Algorithm.RSA4096]
+    if features.aes_management_key:
+        supported += [Algorithm.AES128, Algorithm.AES192, Algorithm.AES256]
+    supported.append(Algorithm.ECCP256)
+    if features.policies:
+        supported.append(Algorithm.ECCP384)
+    if features.curve25519:
+        supported += [Algorithm.ED25519, Algorithm.X25519]
+    algorithms_ = b"".join(ber_encode(0x80, bytes((a,))) for a in supported)
     items: list[tuple[int, bytes]] = [(0x4F, PIV_PIX), (0x79, ber_encode(0x4F, PIV_RID))]
     if label:
         items.append((0x50, label.encode()[:32]))
@@ -240,6 +329,15 @@ def application_property_template(label: str = "") -> bytes:
 
 
 # --- state ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """The policies and origin of the key in one slot (never DEFAULT: resolved on entry)."""
+
+    pin: PinPolicy
+    touch: TouchPolicy = TouchPolicy.NEVER
+    origin: Origin = Origin.IMPORTED
 
 
 @dataclass
@@ -254,8 +352,16 @@ class PivState:
     puk_left: int = DEFAULT_RETRIES
     management_key: bytes = DEFAULT_MANAGEMENT_KEY
     management_algorithm: int = Algorithm.TDES
+    management_touch: bool = False  # SET MANAGEMENT KEY P2=FE: authentication needs touch
     keys: dict[int, PrivateKey] = field(default_factory=dict)  # key reference -> key
+    #: key reference -> policies and origin; a key without an entry has its slot's
+    #: default PIN policy, no touch, and counts as imported (it came from a file)
+    policies: dict[int, KeyPolicy] = field(default_factory=dict)
     objects: dict[int, bytes] = field(default_factory=dict)  # tag -> GET DATA answer
+
+    def policy(self, slot: int) -> KeyPolicy:
+        found = self.policies.get(slot)
+        return found if found is not None else KeyPolicy(default_pin_policy(slot))
 
 
 def default_objects(certs: dict[int, bytes], guid: bytes) -> dict[int, bytes]:
@@ -275,9 +381,12 @@ def default_objects(certs: dict[int, bytes], guid: bytes) -> dict[int, bytes]:
 _RSA_SIZES: dict[int, int] = {Algorithm.RSA1024: 1024, Algorithm.RSA2048: 2048,
                               Algorithm.RSA3072: 3072, Algorithm.RSA4096: 4096}
 _RSA_ALGORITHMS: dict[int, int] = {size: algorithm for algorithm, size in _RSA_SIZES.items()}
+_EC_CURVES: dict[int, ec.EllipticCurve] = {Algorithm.ECCP256: ec.SECP256R1(),
+                                           Algorithm.ECCP384: ec.SECP384R1()}
 #: Card management key length in bytes per algorithm.
 MANAGEMENT_KEY_LENGTHS: dict[int, int] = {Algorithm.TDES: 24, Algorithm.AES128: 16,
                                           Algorithm.AES192: 24, Algorithm.AES256: 32}
+_RSA_EXPONENT = 65537
 
 
 def valid_reference(value: bytes) -> bool:
@@ -286,15 +395,99 @@ def valid_reference(value: bytes) -> bool:
 
 
 def key_algorithm(key: PrivateKey) -> int:
-    """The SP 800-78-4 algorithm identifier of a private key; ValueError if unsupported."""
+    """The SP 800-78-4 (or Yubico) algorithm identifier of a private key; ValueError if
+    the card cannot hold it."""
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size in _RSA_ALGORITHMS:
             return _RSA_ALGORITHMS[key.key_size]
-    elif isinstance(key.curve, ec.SECP256R1):
-        return Algorithm.ECCP256
-    elif isinstance(key.curve, ec.SECP384R1):
-        return Algorithm.ECCP384
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        if isinstance(key.curve, ec.SECP256R1):
+            return Algorithm.ECCP256
+        if isinstance(key.curve, ec.SECP384R1):
+            return Algorithm.ECCP384
+    elif isinstance(key, ed25519.Ed25519PrivateKey):
+        return Algorithm.ED25519
+    elif isinstance(key, x25519.X25519PrivateKey):
+        return Algorithm.X25519
     raise ValueError(f"unsupported key type for PIV: {type(key).__name__}")
+
+
+def generate_private_key(algorithm: int) -> PrivateKey:
+    """A new key for a GENERATE ASYMMETRIC KEY PAIR algorithm; KeyError if unknown."""
+    if algorithm in _RSA_SIZES:
+        return rsa.generate_private_key(public_exponent=_RSA_EXPONENT,
+                                        key_size=_RSA_SIZES[algorithm])
+    if algorithm in _EC_CURVES:
+        return ec.generate_private_key(_EC_CURVES[algorithm])
+    if algorithm == Algorithm.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm == Algorithm.X25519:
+        return x25519.X25519PrivateKey.generate()
+    raise KeyError(algorithm)
+
+
+def _big(value: bytes) -> int:
+    return int.from_bytes(value, "big")
+
+
+def import_private_key(algorithm: int, fields: dict[int, bytes]) -> PrivateKey:
+    """The key of an IMPORT ASYMMETRIC KEY data field (Yubico extension).
+
+    RSA: 01 p, 02 q, 03 dP, 04 dQ, 05 qInv (RFC 8017 section 3.2, second representation;
+    each at most half the modulus long, e = 65537); EC: 06 the private scalar (SEC 1
+    section 2.3.6, the field size long); 07 Ed25519 and 08 X25519 private keys (RFC 8032
+    section 5.1.5, RFC 7748 section 5: 32 bytes).  StatusWordError 6A80 for anything that
+    is not such a key (wrong lengths, inconsistent CRT values, a scalar out of range).
+    """
+    def need(tag: int) -> bytes:
+        value = fields.get(tag)
+        if value is None:
+            raise StatusWordError(SW.WRONG_DATA, f"missing tag {tag:02X}")
+        return value
+
+    if algorithm in _RSA_SIZES:
+        size = _RSA_SIZES[algorithm]
+        parts = [need(tag) for tag in (0x01, 0x02, 0x03, 0x04, 0x05)]
+        if any(len(part) > size // 16 for part in parts):
+            raise StatusWordError(SW.WRONG_DATA, "RSA component longer than half the key")
+        p, q, dp, dq, qinv = (_big(part) for part in parts)
+        n = p * q
+        if n.bit_length() != size or p < 3 or q < 3:
+            raise StatusWordError(SW.WRONG_DATA, f"p * q is not a {size}-bit modulus")
+        try:
+            d = pow(_RSA_EXPONENT, -1, math.lcm(p - 1, q - 1))
+        except ValueError:
+            raise StatusWordError(SW.WRONG_DATA, "e is not invertible") from None
+        try:
+            consistent = (dp, dq, qinv) == (d % (p - 1), d % (q - 1), pow(q, -1, p))
+        except ValueError:  # q not invertible modulo p (p = q, or a common factor)
+            consistent = False
+        if not consistent:
+            raise StatusWordError(SW.WRONG_DATA, "inconsistent RSA CRT components")
+        numbers = rsa.RSAPrivateNumbers(p, q, d, dp, dq, qinv,
+                                        rsa.RSAPublicNumbers(_RSA_EXPONENT, n))
+        try:
+            return numbers.private_key()
+        except ValueError as exc:
+            raise StatusWordError(SW.WRONG_DATA, f"not an RSA key: {exc}") from None
+    if algorithm in _EC_CURVES:
+        curve = _EC_CURVES[algorithm]
+        scalar = need(0x06)
+        if len(scalar) != (curve.key_size + 7) // 8:
+            raise StatusWordError(SW.WRONG_DATA, "EC private key of the wrong length")
+        try:
+            return ec.derive_private_key(_big(scalar), curve)
+        except ValueError:
+            raise StatusWordError(SW.WRONG_DATA, "EC private key out of range") from None
+    if algorithm in (Algorithm.ED25519, Algorithm.X25519):
+        tag = 0x07 if algorithm == Algorithm.ED25519 else 0x08
+        raw = need(tag)
+        if len(raw) != 32:
+            raise StatusWordError(SW.WRONG_DATA, "Curve25519 private key must be 32 bytes")
+        if algorithm == Algorithm.ED25519:
+            return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+        return x25519.X25519PrivateKey.from_private_bytes(raw)
+    raise StatusWordError(SW.INCORRECT_P1P2, f"algorithm {algorithm:02X}")
 
 
 # PKCS#1 v1.5 DigestInfo prefixes (RFC 8017 section 9.2, note 1).
@@ -375,9 +568,10 @@ def _ecdsa_sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
 class _SlotKey:
     """What GENERAL AUTHENTICATE needs of one slot's key, worked out once per key.
 
-    Exactly one of ``rsa_key`` / ``ec_key`` is set (both are ``key``, typed); for EC
-    keys ``size`` is the field size in bytes and ``ecdsa`` the signature algorithm
-    object for a hash of exactly that size.
+    Exactly one of ``rsa_key`` / ``ec_key`` / ``ed_key`` / ``x_key`` is set (each is
+    ``key``, typed); for EC keys ``size`` is the field size in bytes and ``ecdsa`` the
+    signature algorithm object for a hash of exactly that size.  ``pin`` and ``touch`` are
+    the slot's policies.
     """
 
     key: PrivateKey
@@ -386,13 +580,23 @@ class _SlotKey:
     ec_key: ec.EllipticCurvePrivateKey | None
     size: int
     ecdsa: ec.ECDSA | None
+    pin: PinPolicy
+    touch: TouchPolicy
+    ed_key: ed25519.Ed25519PrivateKey | None = None
+    x_key: x25519.X25519PrivateKey | None = None
 
 
-def _slot_key(key: PrivateKey) -> _SlotKey:
+def _slot_key(key: PrivateKey, policy: KeyPolicy) -> _SlotKey:
+    algorithm = key_algorithm(key)
+    pin, touch = policy.pin, policy.touch
     if isinstance(key, rsa.RSAPrivateKey):
-        return _SlotKey(key, key_algorithm(key), key, None, 0, None)
-    size = (key.curve.key_size + 7) // 8
-    return _SlotKey(key, key_algorithm(key), None, key, size, _ECDSA_BY_SIZE[size])
+        return _SlotKey(key, algorithm, key, None, 0, None, pin, touch)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        size = (key.curve.key_size + 7) // 8
+        return _SlotKey(key, algorithm, None, key, size, _ECDSA_BY_SIZE[size], pin, touch)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return _SlotKey(key, algorithm, None, None, 0, None, pin, touch, ed_key=key)
+    return _SlotKey(key, algorithm, None, None, 0, None, pin, touch, x_key=key)
 
 
 def _challenge_forms(largest: int) -> dict[int, tuple[bytes, int]]:
@@ -435,11 +639,51 @@ INS_CHANGE_REFERENCE_DATA = 0x24
 INS_RESET_RETRY_COUNTER = 0x2C
 INS_GENERAL_AUTHENTICATE = 0x87
 INS_GENERATE_KEY_PAIR = 0x47
-INS_SET_MANAGEMENT_KEY = 0xFF  # YubiKey extension
+# Yubico extensions (developers.yubico.com "PIV / Yubico extensions")
+INS_MOVE_KEY = 0xF6
+INS_GET_METADATA = 0xF7
+INS_GET_SERIAL = 0xF8
+INS_ATTEST = 0xF9
+INS_SET_PIN_RETRIES = 0xFA
+INS_RESET = 0xFB
+INS_GET_VERSION = 0xFD
+INS_IMPORT_KEY = 0xFE
+INS_SET_MANAGEMENT_KEY = 0xFF
+
+_TAG_PIN_POLICY = 0xAA
+_TAG_TOUCH_POLICY = 0xAB
+#: GET METADATA tags (Yubico): algorithm, policy, origin, public key, default, retries.
+_META_ALGORITHM, _META_POLICY, _META_ORIGIN, _META_PUBLIC, _META_DEFAULT, _META_RETRIES = (
+    0x01, 0x02, 0x03, 0x04, 0x05, 0x06)
+_META_PIN_ALGORITHM = b"\xff"
+#: Plain ints for the signing hot path (an enum member lookup costs more).
+_PIN_ONCE, _PIN_ALWAYS, _TOUCH_NEVER = int(PinPolicy.ONCE), int(PinPolicy.ALWAYS), int(
+    TouchPolicy.NEVER)
+_DELETE = 0xFF  # MOVE KEY P1: delete the key in P2
+
+
+@dataclass(frozen=True, slots=True)
+class TouchRequest:
+    """A key use that needs a touch: the slot (9B for the management key) and its policy
+    (ALWAYS or CACHED)."""
+
+    slot: int
+    policy: TouchPolicy
+
+
+#: The touch sensor: called when a key needs a touch; True when the user touched.  A sensor
+#: that waits must live on the adapter side (it may read clocks, sleep, wait for a
+#: ``ctl`` command) and its card must be a :class:`BlockingPivCard`.
+TouchSensor = Callable[[TouchRequest], bool]
+
+
+def touch_pressed(request: TouchRequest) -> bool:
+    """The default sensor: the touch is pressed at once."""
+    return True
 
 
 #: Instructions that compute with a private key or make one (CostHint).
-_HEAVY_INS = frozenset({0x87, 0x47, 0xFE})
+_HEAVY_INS = frozenset({0x87, 0x47, 0xFE, 0xF9})  # F9 ATTEST signs a certificate
 #: Instructions that may change the saved state (VERIFY counts failed tries).
 _WRITING_INS = frozenset({0x20, 0x24, 0x2C, 0xDB, 0xFF, 0xFA, 0xFB, 0xF6})
 
@@ -461,6 +705,16 @@ def _template(data: bytes, tag: int) -> list[Tlv]:
         raise StatusWordError(SW.WRONG_DATA, str(exc)) from None
 
 
+def _fields(items: list[Tlv]) -> dict[int, bytes]:
+    """Tag -> value of a list of TLVs; a repeated tag is 6A80."""
+    out: dict[int, bytes] = {}
+    for item in items:
+        if item.tag in out:
+            raise StatusWordError(SW.WRONG_DATA, f"tag {item.tag:X} repeated")
+        out[item.tag] = item.value
+    return out
+
+
 def _strip_pin(padded: bytes) -> bytes:
     return padded.rstrip(b"\xff")
 
@@ -476,6 +730,20 @@ def _check_new_reference(value: bytes) -> bytes:
     return stripped
 
 
+def _certificate_of(obj: bytes | None) -> x509.Certificate | None:
+    """The X.509 certificate inside a certificate object (53 { 70 cert ... }), if any."""
+    if obj is None:
+        return None
+    try:
+        outer, _ = ber_decode_one(obj)
+        for item in ber_decode(outer.value):
+            if item.tag == 0x70:
+                return x509.load_der_x509_certificate(item.value)
+    except (DecodeError, ValueError):
+        return None
+    return None
+
+
 class PivCard:
     """An emulated PIV card (implements :class:`ccidemu.card.Card`)."""
 
@@ -489,39 +757,70 @@ class PivCard:
         on_change: Callable[[PivState], None] | None = None,
         label: str = "",
         rng: Callable[[int], bytes] = os.urandom,
+        identity: Identity | None = None,
+        touch: TouchSensor = touch_pressed,
     ) -> None:
         self.state = state
+        self.identity = identity or Identity()
+        self.features = self.identity.features
         self._on_change = on_change
         self._label = label
-        self._select_response = application_property_template(label)
         self._rng = rng
-        # slot -> what signing with that slot's key needs (rebuilt when the key changes)
+        self._touch = touch
+        #: touch requests so far (tests and the runtime can see that a touch was asked)
+        self.touch_requests = 0
+        self._select_response = application_property_template(label, self.features)
+        # slot -> what signing with that slot's key needs (dropped when the key changes)
         self._slot_keys: dict[int, _SlotKey] = {}
-        self._dispatcher = IsoDispatcher(
-            {
-                INS_SELECT: self._select,
-                INS_GET_DATA: self._get_data,
-                INS_PUT_DATA: self._put_data,
-                INS_VERIFY: self._verify,
-                INS_CHANGE_REFERENCE_DATA: self._change_reference_data,
-                INS_RESET_RETRY_COUNTER: self._reset_retry_counter,
-                INS_GENERAL_AUTHENTICATE: self._general_authenticate,
-                INS_GENERATE_KEY_PAIR: self._generate,
-                INS_SET_MANAGEMENT_KEY: self._set_management_key,
-            },
-            chaining=(INS_PUT_DATA, INS_GENERAL_AUTHENTICATE, INS_GET_DATA),
+        handlers = {
+            INS_SELECT: self._select,
+            INS_GET_DATA: self._get_data,
+            INS_PUT_DATA: self._put_data,
+            INS_VERIFY: self._verify,
+            INS_CHANGE_REFERENCE_DATA: self._change_reference_data,
+            INS_RESET_RETRY_COUNTER: self._reset_retry_counter,
+            INS_GENERAL_AUTHENTICATE: self._general_authenticate,
+            INS_GENERATE_KEY_PAIR: self._generate,
+            INS_GET_VERSION: self._get_version,
+            INS_IMPORT_KEY: self._import_key,
+            INS_SET_MANAGEMENT_KEY: self._set_management_key,
+            INS_SET_PIN_RETRIES: self._set_pin_retries,
+            INS_RESET: self._reset,
+        }
+        features = self.features
+        if features.serial:
+            handlers[INS_GET_SERIAL] = self._get_serial
+        if features.metadata:
+            handlers[INS_GET_METADATA] = self._get_metadata
+        if features.attestation:
+            handlers[INS_ATTEST] = self._attest
+        if features.move_key:
+            handlers[INS_MOVE_KEY] = self._move_key
+        self._piv = IsoDispatcher(
+            handlers,
+            chaining=(INS_PUT_DATA, INS_GENERAL_AUTHENTICATE, INS_GET_DATA, INS_IMPORT_KEY),
         )
+        self._management: ManagementApplet | None = None
+        self._management_dispatcher: IsoDispatcher | None = None
+        if self.identity.kind is Kind.YUBIKEY5:
+            applet = ManagementApplet(self.identity)
+            self._management = applet
+            self._management_dispatcher = IsoDispatcher(
+                {INS_SELECT: self._select, 0x1D: applet.handle})
+        self._dispatcher = self._piv
         self._reset_security()
 
     # -- Card protocol --
 
     @property
     def name(self) -> str:
-        return "PIV" + (f" ({self._label})" if self._label else "")
+        kind = "YubiKey 5 PIV" if self.identity.kind is Kind.YUBIKEY5 else "PIV"
+        return kind + (f" ({self._label})" if self._label else "")
 
     def power_on(self) -> bytes:
+        self._dispatcher = self._piv
         self._reset_security()
-        return ATR
+        return self.identity.atr
 
     def power_off(self) -> None:
         self._reset_security()
@@ -545,7 +844,9 @@ class PivCard:
         self.admin = False
         self._witness: bytes | None = None
         self._challenge: bytes | None = None
-        self._dispatcher.reset()
+        self._piv.reset()
+        if self._management_dispatcher is not None:
+            self._management_dispatcher.reset()
 
     def _changed(self) -> None:
         if self._on_change is None:
@@ -560,14 +861,35 @@ class PivCard:
         if not self.admin:
             raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "management key needed")
 
+    def _ask_touch(self, slot: int, policy: TouchPolicy) -> None:
+        """Ask the sensor for a touch; 6985 when it was not given."""
+        self.touch_requests += 1
+        if not self._touch(TouchRequest(slot, policy)):
+            raise StatusWordError(SW.CONDITIONS_NOT_SATISFIED, "no touch")
+
+    def _store_key(self, slot: int, key: PrivateKey, policy: KeyPolicy) -> None:
+        self.state.keys[slot] = key
+        self.state.policies[slot] = policy
+        self._slot_keys.pop(slot, None)
+
+    def _drop_key(self, slot: int) -> None:
+        self.state.keys.pop(slot, None)
+        self.state.policies.pop(slot, None)
+        self._slot_keys.pop(slot, None)
+
     # -- SELECT (part 2 section 3.1.1) --
 
     def _select(self, cmd: CommandApdu) -> bytes:
         if cmd.p1 != 0x04:
             raise StatusWordError(SW.INCORRECT_P1P2)
+        if self._management is not None and cmd.data == MANAGEMENT_AID:
+            assert self._management_dispatcher is not None
+            self._reset_security()
+            self._dispatcher = self._management_dispatcher
+            return self._management.select_response()
         if len(cmd.data) < MIN_SELECT_AID or not PIV_AID.startswith(cmd.data):
             # SP 800-73-4 part 2 section 3.1.1: an AID the card does not know leaves the
-            # PIV application selected and its security status unchanged.
+            # selected application selected and its security status unchanged.
             raise StatusWordError(SW.FILE_NOT_FOUND)
         # A SELECT of the PIV application itself starts a fresh session: PIN, "PIN
         # always" and management key status are cleared.  Section 3.1.1 does not
@@ -581,6 +903,7 @@ class PivCard:
         # dispatcher here is harmless: it dropped any pending response before this call,
         # and SELECT never arrives inside a command chain.)
         self._reset_security()
+        self._dispatcher = self._piv
         return self._select_response
 
     # -- GET DATA / PUT DATA (part 2 sections 3.1.2 and 3.3.2) --
@@ -711,8 +1034,10 @@ class PivCard:
             raise StatusWordError(SW.REFERENCE_NOT_FOUND)
         if len(cmd.data) != 2 * PIN_MAX_LENGTH:
             raise StatusWordError(SW.WRONG_DATA, "old and new value, 8 bytes each")
-        new = _check_new_reference(cmd.data[8:])
+        # the old value is checked (and counted) first, as a YubiKey does: clients block
+        # the PIN and PUK before a RESET with all-FF values that are no valid new PIN
         self._check_reference(cmd.p2, cmd.data[:8])
+        new = _check_new_reference(cmd.data[8:])
         if cmd.p2 == KeyRef.PIN:
             self.state.pin = new
             self.state.pin_left = self.state.pin_retries
@@ -729,8 +1054,8 @@ class PivCard:
             raise StatusWordError(SW.REFERENCE_NOT_FOUND)
         if len(cmd.data) != 2 * PIN_MAX_LENGTH:
             raise StatusWordError(SW.WRONG_DATA, "PUK and new PIN, 8 bytes each")
+        self._check_reference(KeyRef.PUK, cmd.data[:8])  # first, as in CHANGE REFERENCE
         new = _check_new_reference(cmd.data[8:])
-        self._check_reference(KeyRef.PUK, cmd.data[:8])
         self.state.pin = new
         self.state.pin_left = self.state.pin_retries
         self.state.puk_left = self.state.puk_retries
@@ -751,14 +1076,16 @@ class PivCard:
         if (entry is None or entry.key is not self.state.keys.get(slot)
                 or entry.algorithm != cmd.p1):
             entry = self._slot_key(slot, cmd.p1)  # (re)built, or the error raised
-        if slot == 0x9E:  # access rules as in _check_key_access, inlined
-            pass
-        elif slot == 0x9C:
+        pin = entry.pin  # access rules as in _check_key_access, inlined (plain ints)
+        if pin == _PIN_ONCE:
+            if not self.pin_verified:
+                raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
+        elif pin == _PIN_ALWAYS:
             if not self.pin_always:
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN always")
             self.pin_always = False
-        elif not self.pin_verified:
-            raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
+        if entry.touch != _TOUCH_NEVER:
+            self._ask_touch(slot, entry.touch)
         challenge = data[form[1]:]
         if entry.ecdsa is not None and entry.ec_key is not None and len(challenge) == entry.size:
             return _auth_response(entry.ec_key.sign(challenge, entry.ecdsa))
@@ -766,25 +1093,25 @@ class PivCard:
 
     def _general_authenticate_template(self, cmd: CommandApdu) -> bytes:
         """GENERAL AUTHENTICATE, any template (part 2 section 3.2.4)."""
-        fields: dict[int, bytes] = {}
-        for item in _template(cmd.data, 0x7C):
-            if item.tag in fields:
-                raise StatusWordError(SW.WRONG_DATA, f"tag {item.tag:X} repeated")
-            fields[item.tag] = item.value
+        fields = _fields(_template(cmd.data, 0x7C))
         slot = cmd.p2
         if slot == KeyRef.MANAGEMENT:
             return self._management_auth(cmd.p1, fields)
         entry = self._slot_key(slot, cmd.p1)
         if fields.get(0x82) != b"" or len(fields) != 2:
             raise StatusWordError(SW.WRONG_DATA, "expected 82 00 with 81 or 85")
-        self._check_key_access(slot)
         data = fields.get(0x81)
+        point = fields.get(0x85)
+        if data is None and (point is None or (entry.ec_key is None and entry.x_key is None)):
+            raise StatusWordError(SW.WRONG_DATA, "expected one of 81 or 85")
+        self._check_key_access(slot, entry)
         if data is not None:
             result = self._challenge_operation(entry, data)
-        elif 0x85 in fields and entry.ec_key is not None:
-            result = self._ecdh(entry.ec_key, fields[0x85])
+        elif entry.ec_key is not None and point is not None:
+            result = self._ecdh(entry.ec_key, point)
         else:
-            raise StatusWordError(SW.WRONG_DATA, "expected one of 81 or 85")
+            assert entry.x_key is not None and point is not None
+            result = self._x25519(entry.x_key, point)
         return _auth_response(result)
 
     def _slot_key(self, slot: int, algorithm: int) -> _SlotKey:
@@ -796,31 +1123,34 @@ class PivCard:
             raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {slot:02X}")
         entry = self._slot_keys.get(slot)
         if entry is None or entry.key is not key:
-            entry = self._slot_keys[slot] = _slot_key(key)
+            entry = self._slot_keys[slot] = _slot_key(key, self.state.policy(slot))
         if algorithm != entry.algorithm:
             raise StatusWordError(SW.INCORRECT_P1P2, "algorithm does not match the key")
         return entry
 
     @staticmethod
     def _challenge_operation(entry: _SlotKey, data: bytes) -> bytes:
-        """The 81 operation: raw RSA (signature or decryption) or ECDSA of a hash."""
+        """The 81 operation: raw RSA (signature or decryption), ECDSA of a hash, Ed25519
+        of a message."""
         if entry.rsa_key is not None:
             return _raw_rsa(entry.rsa_key, data)
-        if entry.ec_key is None:  # pragma: no cover - _slot_key sets one of the two
-            raise StatusWordError(SW.NO_PRECISE_DIAGNOSIS, "key of no known type")
-        return _ecdsa_sign(entry.ec_key, data)
+        if entry.ec_key is not None:
+            return _ecdsa_sign(entry.ec_key, data)
+        if entry.ed_key is not None:
+            return entry.ed_key.sign(data)
+        raise StatusWordError(SW.INCORRECT_P1P2, "X25519 keys only agree keys (85)")
 
-    def _check_key_access(self, slot: int) -> None:
-        """Access rules (SP 800-73-4 part 1 table 4b): 9E none, 9C PIN always, else PIN."""
-        if slot == 0x9E:  # KeyRef.CARD_AUTHENTICATION
-            return
-        if slot == 0x9C:  # KeyRef.SIGNATURE
+    def _check_key_access(self, slot: int, entry: _SlotKey) -> None:
+        """The slot's PIN policy (never, once: PIN verified, always: VERIFY just before),
+        then its touch policy."""
+        if entry.pin == PinPolicy.ALWAYS:
             if not self.pin_always:
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN always")
             self.pin_always = False
-            return
-        if not self.pin_verified:
+        elif entry.pin == PinPolicy.ONCE and not self.pin_verified:
             raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
+        if entry.touch != TouchPolicy.NEVER:
+            self._ask_touch(slot, entry.touch)
 
     @staticmethod
     def _ecdh(key: ec.EllipticCurvePrivateKey, point: bytes) -> bytes:
@@ -830,6 +1160,14 @@ class PivCard:
             return key.exchange(ec.ECDH(), peer)
         except (ValueError, InvalidKey, UnsupportedAlgorithm):
             raise StatusWordError(SW.WRONG_DATA, "bad peer point") from None
+
+    @staticmethod
+    def _x25519(key: x25519.X25519PrivateKey, point: bytes) -> bytes:
+        """X25519 (RFC 7748 section 6.1): the shared secret with the peer's u-coordinate."""
+        try:
+            return key.exchange(x25519.X25519PublicKey.from_public_bytes(point))
+        except (ValueError, UnsupportedAlgorithm):
+            raise StatusWordError(SW.WRONG_DATA, "bad peer key") from None
 
     def _management_auth(self, algorithm: int, fields: dict[int, bytes]) -> bytes:
         """Card management key authentication (part 2 appendix A.1, flows of table 7).
@@ -844,6 +1182,7 @@ class PivCard:
         become admin (docs/SECURITY.md).  The card encrypts a caller's block only in mutual
         step 2, after the caller decrypted the card's random witness, and every challenge
         and witness is good for one try.  Any failed or unknown step clears admin status.
+        A management key set with the touch flag asks for a touch before admin is granted.
         """
         state = self.state
         if algorithm != state.management_algorithm and not (
@@ -857,6 +1196,11 @@ class PivCard:
             enc = cipher.encryptor()
             return enc.update(data) + enc.finalize()
 
+        def grant() -> None:
+            if state.management_touch:
+                self._ask_touch(KeyRef.MANAGEMENT, TouchPolicy.ALWAYS)
+            self.admin = True
+
         witness, challenge, response = fields.get(0x80), fields.get(0x81), fields.get(0x82)
         if set(fields) - {0x80, 0x81, 0x82}:
             raise StatusWordError(SW.WRONG_DATA)
@@ -867,13 +1211,12 @@ class PivCard:
             return ber_encode(0x7C, ber_encode(0x80, encrypt(self._witness)))
         if witness and challenge and response in (None, b""):
             expected, self._witness = self._witness, None
+            self.admin = False
             if expected is None or not hmac.compare_digest(witness, expected):
-                self.admin = False
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "bad witness")
             if len(challenge) != block:
-                self.admin = False
                 raise StatusWordError(SW.WRONG_DATA)
-            self.admin = True
+            grant()
             return ber_encode(0x7C, ber_encode(0x82, encrypt(challenge)))
         if challenge == b"" and witness is None and response is None:
             self.admin = False
@@ -882,45 +1225,156 @@ class PivCard:
             return ber_encode(0x7C, ber_encode(0x81, self._challenge))
         if response and witness is None and challenge is None:
             sent, self._challenge = self._challenge, None
+            self.admin = False
             if sent is None or not hmac.compare_digest(response, encrypt(sent)):
-                self.admin = False
                 raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "bad response")
-            self.admin = True
+            grant()
             return b""
         self.admin = False
         self._witness = self._challenge = None
         raise StatusWordError(SW.WRONG_DATA, "unknown authentication step")
+
+    # -- key policies (Yubico extension: tags AA and AB of GENERATE and IMPORT) --
+
+    def _check_algorithm(self, algorithm: int) -> None:
+        """6A80 for an algorithm this firmware version does not have."""
+        features = self.features
+        if algorithm == Algorithm.ECCP384 and not features.policies:
+            raise StatusWordError(SW.WRONG_DATA, "P-384 needs firmware 4.0")
+        if algorithm in (Algorithm.RSA3072, Algorithm.RSA4096) and not features.large_rsa:
+            raise StatusWordError(SW.WRONG_DATA, "RSA 3072/4096 need firmware 5.7")
+        if algorithm in (Algorithm.ED25519, Algorithm.X25519) and not features.curve25519:
+            raise StatusWordError(SW.WRONG_DATA, "Ed25519/X25519 need firmware 5.7")
+
+    def _policy(self, slot: int, fields: dict[int, bytes], origin: Origin) -> KeyPolicy:
+        """The policies a GENERATE or IMPORT asks for (AA, AB), resolved and checked."""
+        pin = PinPolicy.DEFAULT
+        touch = TouchPolicy.DEFAULT
+        for tag in (_TAG_PIN_POLICY, _TAG_TOUCH_POLICY):
+            value = fields.get(tag)
+            if value is None:
+                continue
+            if len(value) != 1:
+                raise StatusWordError(SW.WRONG_DATA, f"policy {tag:02X} must be one byte")
+            if not self.features.policies:
+                raise StatusWordError(SW.WRONG_DATA, "policies need firmware 4.0")
+            try:
+                if tag == _TAG_PIN_POLICY:
+                    pin = PinPolicy(value[0])
+                else:
+                    touch = TouchPolicy(value[0])
+            except ValueError:
+                raise StatusWordError(SW.WRONG_DATA, f"policy {value[0]:02X}") from None
+        if pin in (PinPolicy.MATCH_ONCE, PinPolicy.MATCH_ALWAYS):
+            raise StatusWordError(SW.WRONG_DATA, "no fingerprint sensor on this card")
+        if touch == TouchPolicy.CACHED and not self.features.cached_touch:
+            raise StatusWordError(SW.WRONG_DATA, "cached touch needs firmware 4.3")
+        if pin == PinPolicy.DEFAULT:
+            pin = default_pin_policy(slot)
+        if touch == TouchPolicy.DEFAULT:
+            touch = TouchPolicy.NEVER
+        return KeyPolicy(pin, touch, origin)
 
     # -- GENERATE ASYMMETRIC KEY PAIR (part 2 section 3.3.2) --
 
     def _generate(self, cmd: CommandApdu) -> bytes:
         if cmd.p1 != 0x00:
             raise StatusWordError(SW.INCORRECT_P1P2)
-        if cmd.p2 not in ASYMMETRIC_SLOTS:
+        if cmd.p2 not in _KEY_SLOT_SET:
             raise StatusWordError(SW.INCORRECT_P1P2)
         self._require_admin()
-        items = {t.tag: t.value for t in _template(cmd.data, 0xAC)}
-        algorithm = items.get(0x80)
+        fields = _fields(_template(cmd.data, 0xAC))
+        algorithm = fields.get(0x80)
         if algorithm is None or len(algorithm) != 1:
             raise StatusWordError(SW.WRONG_DATA, "missing 80 algorithm")
-        key: PrivateKey
-        match algorithm[0]:
-            case Algorithm.RSA1024 | Algorithm.RSA2048 | Algorithm.RSA3072 | Algorithm.RSA4096:
-                size = _RSA_SIZES[algorithm[0]]
-                key = rsa.generate_private_key(public_exponent=65537, key_size=size)
-            case Algorithm.ECCP256:
-                key = ec.generate_private_key(ec.SECP256R1())
-            case Algorithm.ECCP384:
-                key = ec.generate_private_key(ec.SECP384R1())
-            case _:
-                raise StatusWordError(SW.WRONG_DATA, f"algorithm {algorithm[0]:02X}")
-        self.state.keys[cmd.p2] = key
+        self._check_algorithm(algorithm[0])
+        policy = self._policy(cmd.p2, fields, Origin.GENERATED)
+        try:
+            key = generate_private_key(algorithm[0])
+        except KeyError:
+            raise StatusWordError(SW.WRONG_DATA, f"algorithm {algorithm[0]:02X}") from None
+        self._store_key(cmd.p2, key, policy)
         self._changed()
         return public_key_template(key)
 
-    # -- SET MANAGEMENT KEY (YubiKey extension: FF FF FF, data alg 9B len key) --
+    # -- the Yubico extensions --
+
+    def _get_version(self, cmd: CommandApdu) -> bytes:
+        """GET VERSION (FD): major, minor, patch."""
+        if cmd.p1 or cmd.p2:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        return bytes(self.identity.version)
+
+    def _get_serial(self, cmd: CommandApdu) -> bytes:
+        """GET SERIAL (F8, firmware 5): the serial number, 4 bytes big-endian."""
+        if cmd.p1 or cmd.p2:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        return self.identity.serial.to_bytes(4, "big")
+
+    def _get_metadata(self, cmd: CommandApdu) -> bytes:
+        """GET METADATA (F7, firmware 5.3), P2 = the key reference.
+
+        PIN, PUK: 01 FF, 05 default value, 06 (total tries, tries left).  Management key:
+        01 algorithm, 02 (PIN policy 00, touch policy), 05 default value.  A key slot:
+        01 algorithm, 02 (PIN policy, touch policy), 03 origin, 04 the public key (the
+        contents of its 7F49 template); an empty slot is 6A88.  Nothing secret.
+        """
+        if cmd.p1 != 0x00:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        state = self.state
+        slot = cmd.p2
+        if slot in (KeyRef.PIN, KeyRef.PUK):
+            is_pin = slot == KeyRef.PIN
+            default = state.pin == DEFAULT_PIN if is_pin else state.puk == DEFAULT_PUK
+            total = state.pin_retries if is_pin else state.puk_retries
+            left = state.pin_left if is_pin else state.puk_left
+            return ber_encode_tlvs([
+                (_META_ALGORITHM, _META_PIN_ALGORITHM),
+                (_META_DEFAULT, b"\x01" if default else b"\x00"),
+                (_META_RETRIES, bytes((min(total, 255), min(left, 255)))),
+            ])
+        if slot == KeyRef.MANAGEMENT:
+            touch = TouchPolicy.ALWAYS if state.management_touch else TouchPolicy.NEVER
+            default = state.management_key == DEFAULT_MANAGEMENT_KEY
+            return ber_encode_tlvs([
+                (_META_ALGORITHM, bytes((state.management_algorithm,))),
+                (_META_POLICY, bytes((PinPolicy.DEFAULT, touch))),
+                (_META_DEFAULT, b"\x01" if default else b"\x00"),
+            ])
+        if slot not in _KEY_SLOT_SET:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND)
+        key = state.keys.get(slot)
+        if key is None:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {slot:02X}")
+        policy = state.policy(slot)
+        public = _template(public_key_template(key), 0x7F49)
+        return ber_encode_tlvs([
+            (_META_ALGORITHM, bytes((key_algorithm(key),))),
+            (_META_POLICY, bytes((policy.pin, policy.touch))),
+            (_META_ORIGIN, bytes((policy.origin,))),
+            (_META_PUBLIC, b"".join(item.encode() for item in public)),
+        ])
+
+    def _import_key(self, cmd: CommandApdu) -> bytes:
+        """IMPORT ASYMMETRIC KEY (FE): P1 algorithm, P2 slot, data the key's TLVs and the
+        optional AA/AB policies.  Needs the management key."""
+        if cmd.p2 not in _KEY_SLOT_SET:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        self._require_admin()
+        self._check_algorithm(cmd.p1)
+        try:
+            fields = _fields(ber_decode(cmd.data))
+        except DecodeError as exc:
+            raise StatusWordError(SW.WRONG_DATA, str(exc)) from None
+        policy = self._policy(cmd.p2, fields, Origin.IMPORTED)
+        key = import_private_key(cmd.p1, fields)
+        self._store_key(cmd.p2, key, policy)
+        self._changed()
+        return b""
 
     def _set_management_key(self, cmd: CommandApdu) -> bytes:
+        """SET MANAGEMENT KEY (FF): P1 FF, P2 FF (no touch) or FE (touch); data algorithm,
+        9B, length, key.  Needs the management key; AES from firmware 5.4."""
         if cmd.p1 != 0xFF or cmd.p2 not in (0xFF, 0xFE):
             raise StatusWordError(SW.INCORRECT_P1P2)
         self._require_admin()
@@ -930,18 +1384,128 @@ class PivCard:
         algorithm = Algorithm.TDES if data[0] == Algorithm.TDES_DEFAULT else data[0]
         if MANAGEMENT_KEY_LENGTHS.get(algorithm) != data[2]:
             raise StatusWordError(SW.WRONG_DATA, "key length does not fit the algorithm")
+        if algorithm != Algorithm.TDES and not self.features.aes_management_key:
+            raise StatusWordError(SW.WRONG_DATA, "AES management keys need firmware 5.4")
+        if cmd.p2 == 0xFE and not self.features.policies:
+            raise StatusWordError(SW.INCORRECT_P1P2, "touch needs firmware 4.0")
         self.state.management_key = bytes(data[3:])
         self.state.management_algorithm = algorithm
+        self.state.management_touch = cmd.p2 == 0xFE
         self._changed()
         return b""
 
+    def _set_pin_retries(self, cmd: CommandApdu) -> bytes:
+        """SET PIN RETRIES (FA): P1 PIN tries, P2 PUK tries; needs the management key and
+        the PIN; PIN and PUK go back to their defaults."""
+        if not 1 <= cmd.p1 <= MAX_RETRIES or cmd.data:
+            raise StatusWordError(SW.INCORRECT_P1P2 if not cmd.data else SW.WRONG_LENGTH)
+        self._require_admin()
+        if not self.pin_verified:
+            raise StatusWordError(SW.SECURITY_STATUS_NOT_SATISFIED, "PIN needed")
+        state = self.state
+        state.pin, state.puk = DEFAULT_PIN, DEFAULT_PUK
+        state.pin_retries = state.pin_left = cmd.p1
+        state.puk_retries = state.puk_left = cmd.p2
+        self.pin_verified = self.pin_always = False
+        self._changed()
+        return b""
+
+    def _reset(self, cmd: CommandApdu) -> bytes:
+        """RESET (FB): only when PIN and PUK are both blocked (6985 otherwise).
+
+        Back to factory state: PIN 123456, PUK 12345678, 3 tries each, the default
+        management key (AES-192 from firmware 5.7, 3DES before), no keys, no data objects;
+        the attestation key (F9) and its certificate and the Discovery object stay.
+        """
+        if cmd.p1 or cmd.p2:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        state = self.state
+        if state.pin_left > 0 or state.puk_left > 0:
+            raise StatusWordError(SW.CONDITIONS_NOT_SATISFIED, "PIN and PUK must be blocked")
+        state.pin, state.puk = DEFAULT_PIN, DEFAULT_PUK
+        state.pin_retries = state.pin_left = DEFAULT_RETRIES
+        state.puk_retries = state.puk_left = DEFAULT_RETRIES
+        state.management_key = DEFAULT_MANAGEMENT_KEY
+        state.management_algorithm = (Algorithm.AES192
+                                      if self.features.aes_default_management_key
+                                      else Algorithm.TDES)
+        state.management_touch = False
+        for slot in [s for s in state.keys if s != KeyRef.ATTESTATION]:
+            self._drop_key(slot)
+        for slot in [s for s in state.policies if s != KeyRef.ATTESTATION]:
+            state.policies.pop(slot)
+        for tag in [t for t in state.objects if t not in _KEPT_BY_RESET]:
+            state.objects.pop(tag)
+        self._slot_keys.clear()
+        self._reset_security()
+        self._changed()
+        return b""
+
+    def _move_key(self, cmd: CommandApdu) -> bytes:
+        """MOVE KEY (F6, firmware 5.7): P1 destination (FF: delete), P2 source.  Needs the
+        management key; the key keeps its policies and origin."""
+        source, dest = cmd.p2, cmd.p1
+        if source not in _ASYMMETRIC_SLOT_SET or (
+                dest != _DELETE and (dest not in _ASYMMETRIC_SLOT_SET or dest == source)):
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        if cmd.data:
+            raise StatusWordError(SW.WRONG_LENGTH)
+        self._require_admin()
+        state = self.state
+        key = state.keys.get(source)
+        if key is None:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {source:02X}")
+        if dest == _DELETE:
+            self._drop_key(source)
+        else:
+            if dest in state.keys:
+                raise StatusWordError(SW.INCORRECT_P1P2, f"slot {dest:02X} is not empty")
+            policy = state.policy(source)
+            self._drop_key(source)
+            self._store_key(dest, key, policy)
+        self._changed()
+        return b""
+
+    def _attest(self, cmd: CommandApdu) -> bytes:
+        """ATTEST (F9, firmware 4.3): P1 a slot with a key generated on the card; the answer
+        is a DER certificate signed by the attestation key in F9 (:mod:`piv_attest`)."""
+        slot = cmd.p1
+        if slot not in _ASYMMETRIC_SLOT_SET or cmd.p2 != 0x00:
+            raise StatusWordError(SW.INCORRECT_P1P2)
+        state = self.state
+        key = state.keys.get(slot)
+        if key is None:
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND, f"no key in slot {slot:02X}")
+        policy = state.policy(slot)
+        if policy.origin != Origin.GENERATED:
+            raise StatusWordError(SW.WRONG_DATA, "only keys generated on the card")
+        signer = state.keys.get(KeyRef.ATTESTATION)
+        signer_cert = _certificate_of(state.objects.get(ObjectTag.CERT_F9))
+        if signer is None or signer_cert is None or isinstance(signer, x25519.X25519PrivateKey):
+            raise StatusWordError(SW.REFERENCE_NOT_FOUND, "no attestation key and certificate")
+        cert = attestation_certificate(
+            slot=slot, public_key=key.public_key(), pin_policy=policy.pin,
+            touch_policy=policy.touch, identity=self.identity, signer=signer,
+            signer_cert=signer_cert, rng=self._rng)
+        return cert.public_bytes(Encoding.DER)
+
+
+class BlockingPivCard(PivCard):
+    """A PIV card whose touch sensor may wait: the runtime runs it off its event loop."""
+
+    blocking: ClassVar[bool] = True
+
 
 def public_key_template(key: PrivateKey) -> bytes:
-    """7F49 public key template (part 2 table 11): RSA 81 n, 82 e; ECC 86 point."""
+    """7F49 public key template (part 2 table 11): RSA 81 n, 82 e; ECC 86 point;
+    Ed25519/X25519 86 the 32-byte public key (Yubico)."""
     if isinstance(key, rsa.RSAPrivateKey):
         numbers = key.public_key().public_numbers()
         n = numbers.n.to_bytes((key.key_size + 7) // 8, "big")
         e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
         return ber_encode(0x7F49, ber_encode(0x81, n) + ber_encode(0x82, e))
-    point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    else:
+        point = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     return ber_encode(0x7F49, ber_encode(0x86, point))

@@ -7,8 +7,9 @@
   ``<slot>.crt`` / ``.pem`` / ``.cer`` / ``.der`` (certificate, PEM or DER) with
   ``<slot>.key`` (private key: PEM or DER, PKCS#8 or traditional, encrypted or not),
   or ``<slot>.p12`` / ``.pfx`` (PKCS#12 bundle).  ``<slot>.pass`` holds the passphrase
-  of an encrypted key or bundle (first line).  Slots: 9a 9c 9d 9e and retired 82-95.
-  PIN, PUK and management key are the PIV defaults (123456, 12345678, 3DES 0102..08).
+  of an encrypted key or bundle (first line).  Slots: 9a 9c 9d 9e, retired 82-95 and
+  f9 (the attestation key and certificate).  PIN, PUK and management key are the PIV
+  defaults (123456, 12345678, 3DES 0102..08); keys have their slot's default policies.
 * ``piv:FILE.toml``: a card profile (paths relative to the file)::
 
       pin = "123456"                # optional, the defaults shown
@@ -18,22 +19,29 @@
       management_key = "010203040506070801020304050607080102030405060708"
       management_key_algorithm = "3des"     # or aes128, aes192, aes256
       guid = "00112233445566778899aabbccddeeff"   # CHUID GUID (OpenSC's token serial)
-      serial = 1234                 # used for the GUID when guid is absent
+      serial = 1234                 # GET SERIAL; also makes the GUID when guid is absent
       label = "my test card"
+      identity = "ccidemu"          # or "yubikey5": a YubiKey 5's ATR, name, management app
+      firmware = "5.7.1"            # GET VERSION; gates the Yubico extensions
+      form_factor = "unknown"       # or usb-a-keychain, usb-c-nano, ... (attestation)
+      atr = "nfc"                   # yubikey5 only: "nfc" or "usb" ATR
       [slots.9a]
       cert = "9a.crt"
       key = "9a.key"
       passphrase = "secret"         # or passphrase_file = "9a.pass"
+      pin_policy = "once"           # default per slot; or never, always
+      touch_policy = "never"        # or always, cached
       [slots.9c]
       p12 = "9c.p12"
       [objects]                     # optional extra objects: tag (hex) = file with
       5fc109 = "printed.bin"        # the object's value (inside the 53 wrapper)
 
-State that commands change (PIN, PUK, retry counters, management key, generated keys,
-objects written with PUT DATA) is saved in ``CardOptions.state_dir`` as
-``piv-<hash of the argument>.json`` after every change, atomically (temporary file,
-fsync, rename).  Keys and objects are saved only where they differ from the files, so
-later edits of the certificate files still show.  Delete the state file to start over.
+State that commands change (PIN, PUK, retry counters, management key, generated and
+imported keys with their policies, objects written with PUT DATA) is saved in
+``CardOptions.state_dir`` as ``piv-<hash of the argument>.json`` after every change,
+atomically (temporary file, fsync, rename).  Keys, policies and objects are saved only
+where they differ from the files, so later edits of the certificate files still show.
+Delete the state file to start over.
 ``read_only`` keeps changes in memory; ``state_dir=None`` too.
 """
 
@@ -50,26 +58,40 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedAlgorithmError
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions
 from ccidemu.cards.piv import (
-    ASYMMETRIC_SLOTS,
     DEFAULT_MANAGEMENT_KEY,
     DEFAULT_PIN,
     DEFAULT_PUK,
     DEFAULT_RETRIES,
+    KEY_SLOTS,
     MANAGEMENT_KEY_LENGTHS,
     Algorithm,
+    BlockingPivCard,
+    KeyPolicy,
+    Origin,
+    PinPolicy,
     PivCard,
     PivState,
     PrivateKey,
+    TouchPolicy,
     default_objects,
     is_valid_object_tag,
     key_algorithm,
     valid_reference,
+)
+from ccidemu.cards.yubikey import (
+    FORM_FACTOR_NAMES,
+    AtrKind,
+    FormFactor,
+    Identity,
+    Kind,
+    default_serial,
+    parse_version,
 )
 from ccidemu.certs import key_pem
 from ccidemu.errors import ConfigError
@@ -78,7 +100,7 @@ from ccidemu.tlv import ber_encode
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: before key policies (still read)
 CERT_SUFFIXES = (".crt", ".pem", ".cer", ".der")
 P12_SUFFIXES = (".p12", ".pfx")
 MANAGEMENT_ALGORITHMS = {
@@ -86,8 +108,13 @@ MANAGEMENT_ALGORITHMS = {
     "aes192": Algorithm.AES192, "aes256": Algorithm.AES256,
 }
 _PROFILE_KEYS = {"pin", "puk", "pin_retries", "puk_retries", "management_key",
-                 "management_key_algorithm", "guid", "serial", "label", "slots", "objects"}
-_SLOT_KEYS = {"cert", "key", "p12", "passphrase", "passphrase_file"}
+                 "management_key_algorithm", "guid", "serial", "label", "slots", "objects",
+                 "identity", "firmware", "form_factor", "atr"}
+_SLOT_KEYS = {"cert", "key", "p12", "passphrase", "passphrase_file", "pin_policy",
+              "touch_policy"}
+PIN_POLICIES = {"never": PinPolicy.NEVER, "once": PinPolicy.ONCE, "always": PinPolicy.ALWAYS}
+TOUCH_POLICIES = {"never": TouchPolicy.NEVER, "always": TouchPolicy.ALWAYS,
+                  "cached": TouchPolicy.CACHED}
 
 
 def demo_directory() -> Path:
@@ -103,6 +130,7 @@ class CardConfig:
     label: str
     state: PivState
     certs: dict[int, bytes] = field(default_factory=dict)
+    identity: Identity = field(default_factory=Identity)
 
 
 # --- reading keys and certificates ---------------------------------------------------
@@ -128,12 +156,15 @@ def load_certificate(path: Path, slot: str) -> x509.Certificate:
 
 
 def _check_key_type(key: object, path: Path | str, slot: str) -> PrivateKey:
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ConfigError(f"slot {slot}: {path}: {type(key).__name__} is not RSA or ECC")
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+                      | ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey):
+        raise ConfigError(f"slot {slot}: {path}: {type(key).__name__} is not RSA, ECC, "
+                          "Ed25519 or X25519")
     try:
         key_algorithm(key)
     except ValueError as exc:
-        raise ConfigError(f"slot {slot}: {path}: {exc} (RSA 1024-4096, P-256, P-384)") from None
+        raise ConfigError(f"slot {slot}: {path}: {exc} (RSA 1024-4096, P-256, P-384, "
+                          "Ed25519, X25519)") from None
     return key
 
 
@@ -212,7 +243,7 @@ def _slot_number(name: str) -> int | None:
         value = int(name, 16)
     except ValueError:
         return None
-    return value if value in ASYMMETRIC_SLOTS and len(name) == 2 else None
+    return value if value in KEY_SLOTS and len(name) == 2 else None
 
 
 # --- directory and profile ---------------------------------------------------------
@@ -266,7 +297,8 @@ def load_directory(directory: Path) -> CardConfig:
         state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
     source = str(directory.resolve())
     state.objects = default_objects(certs, _default_guid(source))
-    return CardConfig(source, directory.resolve().name, state, certs)
+    return CardConfig(source, directory.resolve().name, state, certs,
+                      Identity(serial=default_serial(source)))
 
 
 def _reference(value: Any, what: str, path: Path) -> bytes:
@@ -279,9 +311,50 @@ def _reference(value: Any, what: str, path: Path) -> bytes:
 
 
 def _retries(value: Any, what: str, path: Path) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 15:
-        raise ConfigError(f"{path}: {what} must be an integer from 1 to 15")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 255:
+        raise ConfigError(f"{path}: {what} must be an integer from 1 to 255")
     return value
+
+
+def _choice(value: Any, choices: dict[str, Any], what: str, where: str) -> Any:
+    name = str(value).lower()
+    if name not in choices:
+        raise ConfigError(f"{where}: {what} {value!r} is not one of {', '.join(choices)}")
+    return choices[name]
+
+
+def _identity(profile: dict[str, Any], path: Path, source: str) -> Identity:
+    """The ``identity``, ``firmware``, ``serial``, ``form_factor`` and ``atr`` settings."""
+    kind = _choice(profile.get("identity", "ccidemu"), {k.value: k for k in Kind},
+                   "identity", str(path))
+    try:
+        version = parse_version(str(profile.get("firmware", Identity().version_text)))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    serial = profile.get("serial")
+    if serial is None:
+        serial = default_serial(source)
+    elif isinstance(serial, bool) or not isinstance(serial, int) or not 0 <= serial < 2**32:
+        raise ConfigError(f"{path}: serial must be an integer from 0 to 4294967295")
+    form_factor: FormFactor = _choice(profile.get("form_factor", "unknown"),
+                                      FORM_FACTOR_NAMES, "form_factor", str(path))
+    atr_kind: AtrKind = _choice(profile.get("atr", "nfc"), {a.value: a for a in AtrKind},
+                                "atr", str(path))
+    if "atr" in profile and kind is not Kind.YUBIKEY5:
+        raise ConfigError(f"{path}: atr is a setting of identity = \"yubikey5\"")
+    return Identity(kind, version, serial, form_factor, atr_kind)
+
+
+def _slot_policy(entry: dict[str, Any], slot: int, where: str) -> KeyPolicy | None:
+    """A slot's ``pin_policy`` / ``touch_policy`` (None: the slot's defaults)."""
+    if "pin_policy" not in entry and "touch_policy" not in entry:
+        return None
+    default = PivState().policy(slot)
+    pin = (_choice(entry["pin_policy"], PIN_POLICIES, "pin_policy", where)
+           if "pin_policy" in entry else default.pin)
+    touch = (_choice(entry["touch_policy"], TOUCH_POLICIES, "touch_policy", where)
+             if "touch_policy" in entry else default.touch)
+    return KeyPolicy(pin, touch, Origin.IMPORTED)
 
 
 def _hex(value: Any, what: str, path: Path) -> bytes:
@@ -331,7 +404,8 @@ def load_profile(path: Path) -> CardConfig:
     for name, entry in slots.items():
         slot = _slot_number(str(name).lower())
         if slot is None:
-            raise ConfigError(f"{path}: [slots.{name}] is not a PIV key slot (9a 9c 9d 9e 82-95)")
+            raise ConfigError(
+                f"{path}: [slots.{name}] is not a PIV key slot (9a 9c 9d 9e 82-95 f9)")
         name = f"{slot:02x}"
         if not isinstance(entry, dict) or set(entry) - _SLOT_KEYS:
             raise ConfigError(f"{path}: [slots.{name}] takes only {', '.join(sorted(_SLOT_KEYS))}")
@@ -349,7 +423,11 @@ def load_profile(path: Path) -> CardConfig:
         else:
             raise ConfigError(f"{path}: [slots.{name}] needs cert and key, or p12")
         state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
+        policy = _slot_policy(entry, slot, f"{path}: [slots.{name}]")
+        if policy is not None:
+            state.policies[slot] = policy
     source = str(path.resolve())
+    identity = _identity(profile, path, source)
     if "guid" in profile:
         guid = _hex(profile["guid"], "guid", path)
         if len(guid) != 16:
@@ -369,7 +447,7 @@ def load_profile(path: Path) -> CardConfig:
         value = _read(base / str(file_name), f"object {tag_text}")
         state.objects[tag] = ber_encode(0x53, value)
     label = str(profile.get("label", path.stem))
-    return CardConfig(source, label, state, certs)
+    return CardConfig(source, label, state, certs, identity)
 
 
 # --- parsed once per spec ---------------------------------------------------------------
@@ -477,6 +555,12 @@ def state_to_json(state: PivState, initial: PivState, source: str) -> dict[str, 
             objects[f"{tag:x}"] = value.hex()
     for tag in initial.objects.keys() - state.objects.keys():
         objects[f"{tag:x}"] = None
+    policies: dict[str, list[int] | None] = {}
+    for slot, policy in state.policies.items():
+        if initial.policies.get(slot) != policy:
+            policies[f"{slot:02x}"] = [int(policy.pin), int(policy.touch), int(policy.origin)]
+    for slot in initial.policies.keys() - state.policies.keys():
+        policies[f"{slot:02x}"] = None
     return {
         "format": STATE_FORMAT,
         "card": source,
@@ -488,7 +572,9 @@ def state_to_json(state: PivState, initial: PivState, source: str) -> dict[str, 
         "puk_left": state.puk_left,
         "management_key": state.management_key.hex(),
         "management_algorithm": int(state.management_algorithm),
+        "management_touch": state.management_touch,
         "keys": keys,
+        "policies": policies,
         "objects": objects,
     }
 
@@ -498,14 +584,15 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
 
     KeyError/ValueError/TypeError (or ConfigError for an unsupported key) if bad.
     """
-    if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-        raise ValueError("not a ccidemu PIV state (format 1)")
-    state = replace(initial, keys=dict(initial.keys), objects=dict(initial.objects))
+    if not isinstance(data, dict) or data.get("format") not in (1, STATE_FORMAT):
+        raise ValueError(f"not a ccidemu PIV state (format 1 or {STATE_FORMAT})")
+    state = replace(initial, keys=dict(initial.keys), objects=dict(initial.objects),
+                    policies=dict(initial.policies))
     state.pin = bytes.fromhex(data["pin"])
     state.puk = bytes.fromhex(data["puk"])
     for name in ("pin_retries", "puk_retries", "pin_left", "puk_left"):
         value = data[name]
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 15:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
             raise ValueError(f"{name} {value!r} out of range")
         setattr(state, name, value)
     if not valid_reference(state.pin) or not valid_reference(state.puk):
@@ -519,15 +606,31 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
     state.management_algorithm = Algorithm(algorithm)
     if MANAGEMENT_KEY_LENGTHS.get(state.management_algorithm) != len(state.management_key):
         raise ValueError("management key length does not fit its algorithm")
+    touch = data.get("management_touch", False)
+    if not isinstance(touch, bool):
+        raise ValueError(f"management_touch {touch!r} is not true or false")
+    state.management_touch = touch
     for slot_text, pem in dict(data["keys"]).items():
         slot = int(slot_text, 16)
-        if slot not in ASYMMETRIC_SLOTS:
+        if slot not in KEY_SLOTS:
             raise ValueError(f"bad slot {slot_text}")
         if pem is None:
             state.keys.pop(slot, None)
             continue
         key = serialization.load_pem_private_key(pem.encode(), None)
         state.keys[slot] = _check_key_type(key, "saved key", slot_text)
+    for slot_text, saved in dict(data.get("policies", {})).items():
+        slot = int(slot_text, 16)
+        if slot not in KEY_SLOTS:
+            raise ValueError(f"bad slot {slot_text}")
+        if saved is None:
+            state.policies.pop(slot, None)
+            continue
+        pin, touch_policy, origin = saved  # ValueError/TypeError unless three values
+        policy = KeyPolicy(PinPolicy(pin), TouchPolicy(touch_policy), Origin(origin))
+        if PinPolicy.DEFAULT in (policy.pin,) or policy.touch == TouchPolicy.DEFAULT:
+            raise ValueError(f"slot {slot_text}: unresolved policy")
+        state.policies[slot] = policy
     for tag_text, value in dict(data["objects"]).items():
         tag = int(tag_text, 16)
         if value is None:
@@ -555,7 +658,8 @@ class StateStore:
     def load(self) -> PivState:
         """The saved state applied to the initial one; ConfigError naming a corrupt file."""
         fresh = replace(self._initial, keys=dict(self._initial.keys),
-                        objects=dict(self._initial.objects))
+                        objects=dict(self._initial.objects),
+                        policies=dict(self._initial.policies))
         if self.path is None or not self.path.exists():
             return fresh
         try:
@@ -586,4 +690,9 @@ def open_piv_card(argument: str, options: CardOptions) -> Card:
     store = StateStore(path, config.state, config.source, writable=not options.read_only)
     state = store.load()
     on_change = None if options.read_only or path is None else store.save
-    return PivCard(state, on_change=on_change, label=config.label)
+    if options.touch is None:
+        return PivCard(state, on_change=on_change, label=config.label,
+                       identity=config.identity)
+    # a runtime-supplied touch sensor may wait: the card runs off the event loop
+    return BlockingPivCard(state, on_change=on_change, label=config.label,
+                           identity=config.identity, touch=options.touch)

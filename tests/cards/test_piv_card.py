@@ -33,6 +33,7 @@ from ccidemu.cards.piv import (
 )
 from ccidemu.cards.piv_files import CardConfig, load_directory
 from ccidemu.tlv import ber_decode, ber_decode_one, ber_encode, ber_find
+from tests.support import private_parts
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
 PIN = b"123456".ljust(8, b"\xff")
@@ -99,14 +100,20 @@ def test_is_a_card_with_a_plain_atr(card: PivCard) -> None:
     from ccidemu.atr import parse_atr, qemu_accepts
 
     assert isinstance(card, Card)
-    assert card.power_on() == ATR == bytes.fromhex("3b8c800163636964656d752d504956312e")
+    assert card.power_on() == ATR == bytes.fromhex("3b8d80018073c021c05763636964656d75f9")
     assert qemu_accepts(ATR) is None
-    assert b"Yubi" not in parse_atr(ATR).historical
+    historical = parse_atr(ATR).historical
+    assert b"Yubi" not in historical
+    # ISO/IEC 7816-4 section 8.1.1: category 80, then COMPACT-TLV objects (73 card
+    # capabilities: chaining and extended Lc/Le; 57 issuer's data)
+    assert historical[0] == 0x80 and historical[1:5] == bytes.fromhex("73c021c0")
+    assert historical[5:] == b"\x57ccidemu"
 
 
 APT = (  # 61 { 4F PIX, 79 { 4F RID }, 50 label, AC { 80 alg..., 06 00 } }
-    "6133" "4f06000010000100" "79074f05a000000308" "500474657374"
-    "ac1a" "800103" "800106" "800107" "800108" "80010a" "80010c" "800111" "800114" "0600"
+    "613f" "4f06000010000100" "79074f05a000000308" "500474657374"
+    "ac26" "800103" "800106" "800107" "800105" "800116" "800108" "80010a" "80010c" "800111"
+    "800114" "8001e0" "8001e1" "0600"
 )
 
 
@@ -284,7 +291,7 @@ def test_change_pin_and_puk(card: PivCard) -> None:
         pytest.param("002000800431323334", 0x6A80, id="verify-unpadded"),
         pytest.param("0020000000", 0x6A88, id="verify-global-pin"),
         pytest.param("0024008008" + "3132333435363738", 0x6A80, id="change-short"),
-        pytest.param("00240080103132333435363738" + "3132ffffffffffff", 0x6A80,
+        pytest.param("0024008010313233343536ffff" + "3132ffffffffffff", 0x6A80,
                      id="change-new-too-short"),
         pytest.param("002c0081103132333435363738" + "3132333435363738", 0x6A88,
                      id="rrc-not-pin"),
@@ -293,6 +300,14 @@ def test_change_pin_and_puk(card: PivCard) -> None:
 def test_reference_data_refusals(card: PivCard, apdu: str, sw: int) -> None:
     assert send(card, apdu)[1] == sw
     assert card.state.pin_left == 3 and card.state.puk_left == 3
+
+
+def test_the_old_value_is_checked_before_the_new_one(card: PivCard) -> None:
+    """yubikit's PIV reset blocks PIN and PUK with all-FF values (no valid new PIN): the
+    card must count them as wrong tries (63Cx) rather than refuse the new value (6A80)."""
+    assert send(card, "0024008010" + "ff" * 16)[1] == 0x63C2
+    assert send(card, "002c008010" + "ff" * 16)[1] == 0x63C2
+    assert (card.state.pin_left, card.state.puk_left) == (2, 2)
 
 
 # --- GENERAL AUTHENTICATE with the slot keys (part 2 section 3.2.4) -------------------
@@ -703,14 +718,9 @@ def test_set_management_key_yubikey_extension(card: PivCard) -> None:
 # --- robustness: arbitrary APDUs ----------------------------------------------------
 
 def _secrets(state: PivState) -> list[bytes]:
-    out = []
+    out = [state.management_key]
     for key in state.keys.values():
-        if isinstance(key, rsa.RSAPrivateKey):
-            n = key.private_numbers()
-            out += [x.to_bytes((x.bit_length() + 7) // 8, "big") for x in (n.d, n.p, n.q)]
-        else:
-            v = key.private_numbers().private_value
-            out.append(v.to_bytes((key.curve.key_size + 7) // 8, "big"))
+        out += private_parts(key)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,8 +19,16 @@ from hypothesis import strategies as st
 
 from ccidemu.apdu import CommandApdu
 from ccidemu.cards import CardOptions, open_card
-from ccidemu.cards.piv import PivCard
+from ccidemu.cards.piv import Origin, PinPolicy, PivCard, TouchPolicy
 from ccidemu.cards.piv_files import demo_directory, load_directory, load_profile, state_path
+from ccidemu.cards.yubikey import (
+    YUBIKEY5_USB_ATR,
+    AtrKind,
+    FormFactor,
+    Identity,
+    Kind,
+    default_serial,
+)
 from ccidemu.errors import ConfigError
 from ccidemu.tlv import ber_encode, ber_find
 
@@ -199,9 +208,11 @@ def test_demo_card_and_fixture_profile() -> None:
     assert demo_directory() == FIXTURES
     demo = _piv(open_card("piv:"))
     assert demo.name == "PIV (demo)"
-    assert sorted(demo.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E]
+    assert sorted(demo.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E, 0xF9]
+    assert demo.identity == Identity(serial=default_serial(str(FIXTURES)))
     profile = _piv(open_card(f"piv:{FIXTURES / 'card.toml'}"))
-    assert sorted(profile.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E]
+    assert sorted(profile.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E, 0xF9]
+    assert profile.identity.serial == 10203040
     with pytest.raises(ConfigError, match="no such directory"):
         open_card("piv:/nonexistent/card")
 
@@ -295,16 +306,16 @@ def test_corrupt_state_file_is_named(tmp_path: Path) -> None:
             open_card(f"piv:{cards}", CardOptions(state_dir=state_dir))
 
 
-@pytest.mark.parametrize("kind", ["p521", "ed25519"])
+@pytest.mark.parametrize("kind", ["p521", "ed448"])
 def test_saved_key_of_an_unsupported_type_is_a_corrupt_state(tmp_path: Path,
                                                              kind: str) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.asymmetric import ed448
 
     from ccidemu.cards.piv import PivState
     from ccidemu.cards.piv_files import StateStore
 
     key = (ec.generate_private_key(ec.SECP521R1()) if kind == "p521"
-           else ed25519.Ed25519PrivateKey.generate())
+           else ed448.Ed448PrivateKey.generate())
     pem = key.private_bytes(_E.PEM, _F.PKCS8, serialization.NoEncryption()).decode()
     path = tmp_path / "piv-x.json"
     path.write_text(json.dumps(dict(GOOD_STATE, keys={"9a": pem})))
@@ -318,7 +329,7 @@ JSON_VALUES = st.recursive(
                                                                 max_size=4),
     max_leaves=10,
 )
-GOOD_STATE = {"format": 1, "pin": "313233343536", "puk": "3132333435363738",
+GOOD_STATE = {"format": 2, "pin": "313233343536", "puk": "3132333435363738",
               "pin_retries": 3, "puk_retries": 3, "pin_left": 3, "puk_left": 3,
               "management_key": MGMT.hex(), "management_algorithm": 3, "keys": {},
               "objects": {}}
@@ -376,7 +387,8 @@ def test_certs_generate_command(tmp_path: Path) -> None:
     assert main(["certs", "generate", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["9a.crt", "9a.key", "9c.crt", "9c.key", "9d.crt", "9d.key", "9e.crt",
-                     "9e.key", "ca.crt", "ca.key", "card.toml"]
+                     "9e.key", "attestation-ca.crt", "attestation-ca.key", "ca.crt", "ca.key",
+                     "card.toml", "f9.crt", "f9.key"]
     assert main(["certs", "generate", str(out)]) == 1  # refuses to overwrite
     assert main(["certs", "generate", "--force", str(out)]) == 0
     config = load_profile(out / "card.toml")
@@ -393,9 +405,155 @@ def test_certs_generate_command(tmp_path: Path) -> None:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         if slot == "9d":
             assert usage.key_encipherment and not usage.digital_signature
+        # RFC 5280 4.2.1.3: ECDH needs keyAgreement (pkcs11-tool --derive checks it)
+        assert usage.key_agreement == (slot == "9e")
     assert isinstance(kinds["9a"], rsa.RSAPrivateKey) and kinds["9a"].key_size == 2048
     assert isinstance(kinds["9d"], rsa.RSAPrivateKey)
     assert isinstance(kinds["9c"], ec.EllipticCurvePrivateKey)
     assert isinstance(kinds["9c"].curve, ec.SECP256R1)
     assert isinstance(kinds["9e"], ec.EllipticCurvePrivateKey)
     assert isinstance(kinds["9e"].curve, ec.SECP384R1)
+    # the attestation key: a CA certificate issued by the attestation root
+    att_ca = x509.load_pem_x509_certificate((out / "attestation-ca.crt").read_bytes())
+    f9 = x509.load_pem_x509_certificate((out / "f9.crt").read_bytes())
+    f9.verify_directly_issued_by(att_ca)
+    assert f9.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert 0xF9 in config.state.keys and _public(config.state.keys[0xF9].public_key()) == _public(
+        f9.public_key())
+
+
+@pytest.mark.parametrize(("algorithm", "kind", "usage"), [
+    ("rsa3072", rsa.RSAPrivateKey, "key_encipherment"),
+    ("rsa4096", rsa.RSAPrivateKey, "key_encipherment"),
+    ("p256", ec.EllipticCurvePrivateKey, "key_agreement"),
+    ("p384", ec.EllipticCurvePrivateKey, "key_agreement"),
+])
+def test_certs_generate_algorithm_per_slot(tmp_path: Path, algorithm: str, kind: type,
+                                           usage: str) -> None:
+    from vmc.cli import main
+
+    out = tmp_path / "set"
+    assert main(["certs", "generate", "--no-attestation", "--algorithm", f"9d={algorithm}",
+                 "-a", "9a=p384", str(out)]) == 0
+    assert not (out / "f9.key").exists()
+    config = load_profile(out / "card.toml")
+    key = config.state.keys[0x9D]
+    assert isinstance(key, kind)
+    if isinstance(key, rsa.RSAPrivateKey):
+        assert key.key_size == int(algorithm[3:])
+    cert = x509.load_pem_x509_certificate((out / "9d.crt").read_bytes())
+    assert getattr(cert.extensions.get_extension_for_class(x509.KeyUsage).value, usage)
+    assert isinstance(config.state.keys[0x9A], ec.EllipticCurvePrivateKey)
+
+
+@pytest.mark.parametrize("bad", [["9b=p256"], ["9a=p521"], ["9a=p256", "9a=p384"]])
+def test_certs_generate_refuses_bad_algorithms(tmp_path: Path, bad: list[str]) -> None:
+    from vmc.cli import main
+
+    argv = ["certs", "generate", str(tmp_path / "x")]
+    for item in bad:
+        argv += ["--algorithm", item]
+    assert main(argv) == 1
+    assert not (tmp_path / "x" / "9a.key").exists()
+    with pytest.raises(SystemExit):  # not SLOT=KEYTYPE: argparse's usage error
+        main(["certs", "generate", "--algorithm", "9a", str(tmp_path / "x")])
+
+
+def test_profile_identity_and_policies(tmp_path: Path) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(FIXTURES, cards)
+    (cards / "yk.toml").write_text(
+        'identity = "yubikey5"\nfirmware = "5.4.3"\nserial = 4242\n'
+        'form_factor = "usb-c-nano"\natr = "usb"\n'
+        '[slots.9a]\ncert = "9a.crt"\nkey = "9a.key"\npin_policy = "never"\n'
+        'touch_policy = "cached"\n'
+        '[slots.f9]\ncert = "f9.crt"\nkey = "f9.key"\n')
+    card = _piv(open_card(f"piv:{cards / 'yk.toml'}"))
+    assert card.identity == Identity(Kind.YUBIKEY5, (5, 4, 3), 4242, FormFactor.USB_C_NANO,
+                                     AtrKind.USB)
+    assert card.power_on() == YUBIKEY5_USB_ATR
+    assert card.name == "YubiKey 5 PIV (yk)"
+    policy = card.state.policy(0x9A)
+    assert (policy.pin, policy.touch, policy.origin) == (PinPolicy.NEVER, TouchPolicy.CACHED,
+                                                         Origin.IMPORTED)
+    assert card.state.policy(0xF9).pin == PinPolicy.NEVER
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('identity = "smartcard"', "identity 'smartcard' is not one of ccidemu, yubikey5"),
+    ('firmware = "5.7"', "is not MAJOR.MINOR.PATCH"),
+    ('firmware = "5.300.1"', "above 255"),
+    ("serial = -1", "serial must be an integer"),
+    ('form_factor = "usb-z"', "form_factor 'usb-z' is not one of"),
+    ('atr = "usb"', "atr is a setting of identity"),
+    ('[slots.9a]\ncert = "9a.crt"\nkey = "9a.key"\npin_policy = "sometimes"',
+     "pin_policy 'sometimes' is not one of never, once, always"),
+    ('[slots.9a]\ncert = "9a.crt"\nkey = "9a.key"\ntouch_policy = "default"',
+     "touch_policy 'default' is not one of"),
+    ("pin_retries = 256", "pin_retries must be an integer from 1 to 255"),
+])
+def test_profile_identity_errors(tmp_path: Path, text: str, message: str) -> None:
+    cards = tmp_path / "cards"
+    shutil.copytree(FIXTURES, cards)
+    (cards / "bad.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_profile(cards / "bad.toml")
+
+
+def test_policies_and_management_touch_survive_a_reopen(tmp_path: Path) -> None:
+    """What the Yubico commands change is saved: generated/imported keys with their
+    policies and origin, the management key's touch flag, retry counts above 15."""
+    from yubikit.piv import (
+        DEFAULT_MANAGEMENT_KEY,
+        KEY_TYPE,
+        MANAGEMENT_KEY_TYPE,
+        PIN_POLICY,
+        SLOT,
+        TOUCH_POLICY,
+        PivSession,
+    )
+
+    from vmc.lab.yubikit import CardConnection
+
+    cards = tmp_path / "cards"
+    shutil.copytree(FIXTURES, cards)
+    state_dir = tmp_path / "state"
+    options = CardOptions(state_dir=state_dir)
+    spec = f"piv:{cards / 'card.toml'}"
+    session = PivSession(CardConnection(open_card(spec, options)))
+    session.authenticate(DEFAULT_MANAGEMENT_KEY)
+    public = session.generate_key(SLOT.RETIRED1, KEY_TYPE.ECCP256, PIN_POLICY.NEVER,
+                                  TOUCH_POLICY.ALWAYS)
+    session.put_key(SLOT.AUTHENTICATION, ec.generate_private_key(ec.SECP384R1()),
+                    PIN_POLICY.ALWAYS, TOUCH_POLICY.CACHED)
+    session.verify_pin("123456")
+    session.set_pin_attempts(20, 16)
+    session.set_management_key(MANAGEMENT_KEY_TYPE.AES128, bytes(range(16)), True)
+
+    again = PivSession(CardConnection(open_card(spec, options)))
+    meta = again.get_slot_metadata(SLOT.RETIRED1)
+    assert (meta.key_type, meta.pin_policy, meta.touch_policy, meta.generated) == (
+        KEY_TYPE.ECCP256, PIN_POLICY.NEVER, TOUCH_POLICY.ALWAYS, True)
+    assert _public(meta.public_key) == _public(public)
+    meta = again.get_slot_metadata(SLOT.AUTHENTICATION)
+    assert (meta.key_type, meta.pin_policy, meta.touch_policy, meta.generated) == (
+        KEY_TYPE.ECCP384, PIN_POLICY.ALWAYS, TOUCH_POLICY.CACHED, False)
+    pin = again.get_pin_metadata()
+    assert (pin.total_attempts, pin.attempts_remaining) == (20, 20)
+    assert again.get_puk_metadata().total_attempts == 16
+    mgmt = again.get_management_key_metadata()
+    assert (mgmt.key_type, mgmt.touch_policy) == (MANAGEMENT_KEY_TYPE.AES128,
+                                                  TOUCH_POLICY.ALWAYS)
+    again.authenticate(bytes(range(16)))
+    # the fixtures themselves were never touched
+    assert load_profile(cards / "card.toml").state.policies == {}
+
+
+def test_format_1_state_still_loads(tmp_path: Path) -> None:
+    from ccidemu.cards.piv import PivState
+    from ccidemu.cards.piv_files import StateStore
+
+    path = tmp_path / "piv-x.json"
+    path.write_text(json.dumps(dict(GOOD_STATE, format=1, pin_left=1)))
+    state = StateStore(path, PivState(), "x").load()
+    assert state.pin_left == 1 and state.policies == {} and not state.management_touch

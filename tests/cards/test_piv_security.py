@@ -154,3 +154,103 @@ def test_no_sequence_without_the_key_grants_admin_or_encrypts_a_chosen_block(
         d = dec.update(x) + dec.finalize()
         assert not any(e in a or d in a for a in answers)
     assert card.transmit(PUT_DATA)[-2:] == b"\x69\x82"
+
+
+# --- the Yubico extensions (issue 12): no new way in, no key material out -----------------
+
+#: Every command that changes keys, secrets or objects, sent without the management key.
+ADMIN_COMMANDS = [
+    pytest.param("00fe1182" "2206" "20" + "01" * 32, id="import-key"),
+    pytest.param("00ffffff1b039b18" + "02" * 24, id="set-management-key"),
+    pytest.param("00fa0505", id="set-pin-retries"),
+    pytest.param("00f6839a", id="move-key"),
+    pytest.param("00f6ff9a", id="delete-key"),
+    pytest.param("0047009a05ac03800111", id="generate"),
+    pytest.param("00db3fff075c035fc1055300", id="put-data"),
+]
+
+
+@pytest.mark.parametrize("apdu", ADMIN_COMMANDS)
+@pytest.mark.parametrize("pin", [False, True], ids=["no-pin", "pin"])
+def test_key_and_secret_commands_need_the_management_key(
+    config: CardConfig, apdu: str, pin: bool
+) -> None:
+    card = _card(config, Algorithm.TDES, os.urandom(24))
+    if pin:  # the PIN alone is not enough either
+        card.transmit(bytes.fromhex("0020008008" + b"123456\xff\xff".hex()))
+        assert card.pin_verified
+    before = (dict(card.state.keys), dict(card.state.objects), card.state.management_key,
+              card.state.pin_retries)
+    assert card.transmit(bytes.fromhex(apdu))[-2:] == b"\x69\x82"
+    assert (dict(card.state.keys), dict(card.state.objects), card.state.management_key,
+            card.state.pin_retries) == before
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["pin", "puk", "good-pin", "good-puk", "reset", "select"]),
+                max_size=14))
+def test_reset_only_when_pin_and_puk_are_both_blocked(config: CardConfig, steps: list[str]
+                                                      ) -> None:
+    """Property: RESET answers 9000 exactly when both counters are at 0 (and then wipes
+    the keys); in every other state 6985 and nothing changes."""
+    card = _card(config, Algorithm.TDES, os.urandom(24))
+    commands = {
+        "pin": "0020008008" + "ff" * 8,
+        "puk": "002c008010" + "ff" * 16,
+        "good-pin": "0020008008" + b"123456\xff\xff".hex(),
+        "good-puk": "002c008010" + b"12345678".hex() + b"123456\xff\xff".hex(),
+        "select": "00a4040005a000000308",
+    }
+    for step in steps:
+        if step != "reset":
+            card.transmit(bytes.fromhex(commands[step]))
+            continue
+        blocked = card.state.pin_left == 0 and card.state.puk_left == 0
+        keys = dict(card.state.keys)
+        sw = card.transmit(bytes.fromhex("00fb0000"))
+        if blocked:
+            assert sw == b"\x90\x00"
+            assert sorted(card.state.keys) == [0xF9]
+        else:
+            assert sw == b"\x69\x85"
+            assert card.state.keys == keys
+
+
+def _private_parts(state: PivState) -> list[bytes]:
+    from tests.support import private_parts
+
+    out = [state.management_key, state.pin, state.puk]
+    for key in state.keys.values():
+        out += private_parts(key)
+    return out
+
+
+YUBICO_APDUS = st.one_of(
+    st.sampled_from([
+        "00fd0000", "00f80000", "00f70080", "00f70081", "00f7009b", "00f7009a", "00f7009c",
+        "00f7009d", "00f7009e", "00f700f9", "00f99a00", "00f99c00", "00f98200", "00f9f900",
+        "00fb0000", "00cb3fff055c035fff01", "00cb3fff055c035fff00", "00c0000000",
+        "0047009a05ac03800111", "0047008205ac038001e1", "00f6839a",
+    ]).map(bytes.fromhex),
+    st.builds(lambda ins, p1, p2, body: bytes((0, ins, p1, p2)) + body,
+              st.sampled_from([0xF6, 0xF7, 0xF8, 0xF9, 0xFA, 0xFB, 0xFD, 0xFE, 0xFF]),
+              st.integers(0, 255), st.integers(0, 255), st.binary(max_size=40)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(YUBICO_APDUS, min_size=1, max_size=10), st.booleans())
+def test_yubico_commands_never_leak_key_material(config: CardConfig, apdus: list[bytes],
+                                                 unlocked: bool) -> None:
+    """Property: metadata, attestation, serial, version and the rest answer only public
+    values: no private key part, management key, PIN or PUK in any answer (with or
+    without PIN and management key)."""
+    card = _card(config, Algorithm.TDES, os.urandom(24))
+    if unlocked:  # PIN verified and admin: the management key is known to the caller
+        card.transmit(bytes.fromhex("0020008008" + b"123456\xff\xff".hex()))
+        card.admin = True
+    for apdu in apdus:
+        secrets = _private_parts(card.state)
+        rsp = card.transmit(apdu)
+        assert len(rsp) >= 2
+        assert not any(s in rsp for s in secrets if len(s) >= 6)

@@ -1,6 +1,13 @@
 """The demo PIV card (``--card piv:``, fixtures/certs, PIN 123456) in a real guest: OpenSC
 names it PIV, lists its certificates, and ``pkcs11-tool`` signs with its RSA (9A) and EC (9C)
 keys; the host verifies the signatures with the fixture certificates.
+
+Last, a key imported over the VSCard channel signs in the guest: OpenSC's ``piv-tool``
+authenticates with the management key (mutual authentication, SP 800-73-4 part 2 appendix
+A) and sends IMPORT ASYMMETRIC KEY (the Yubico extension, INS FE) with a P-256 key the host
+made, PIN policy "never", and loads a certificate for it into slot 9D; every APDU crosses
+QEMU's usb-ccid and the ccid-card-passthru chardev to ``ccidemu serve``.  ``pkcs11-tool``
+then signs with the imported key and the host verifies the signature with the key it made.
 """
 
 from __future__ import annotations
@@ -12,9 +19,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from ccidemu.certs import issue_certificate
 from vmc.lab.guest import ChardevMode, Guest, GuestImage, boot_guest
 from vmc.lab.serve import ServeProcess
 
@@ -23,6 +31,7 @@ pytestmark = pytest.mark.qemu
 CERTS = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
 PKCS11 = "pkcs11-tool --module /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
 DATA = b"signed in a QEMU guest through ccidemu\n"
+MGMT = "010203040506070801020304050607080102030405060708"
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +112,32 @@ def test_the_pin_never_reaches_the_log_or_the_trace(
     pin = "313233343536ffff"
     for text in (log, trace):
         assert pin not in text and "31 32 33 34 35 36 ff ff" not in text
+
+
+def _hex_colons(data: bytes) -> str:
+    return ":".join(f"{b:02X}" for b in data)
+
+
+def test_key_imported_over_vscard_signs_in_the_guest(piv_env: tuple[Guest, ServeProcess]
+                                                     ) -> None:
+    """Runs last in this module: it replaces 9D (in memory; the fixtures stay)."""
+    guest, _ = piv_env
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = serialization.load_pem_private_key((CERTS / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate((CERTS / "ca.crt").read_bytes())
+    cert = issue_certificate(ca_key, ca, key, "ccidemu guest import")
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    # IMPORT ASYMMETRIC KEY: P1 11 (P-256), P2 9D; 06 the scalar, AA 01 01 (PIN never)
+    body = b"\x06\x20" + scalar + b"\xaa\x01\x01"
+    apdu = _hex_colons(bytes((0x00, 0xFE, 0x11, 0x9D, len(body))) + body)
+    pem = base64.b64encode(cert.public_bytes(serialization.Encoding.PEM)).decode()
+    script = (
+        f"echo {MGMT} >/tmp/mk && echo {pem} | base64 -d >/tmp/cert.pem && "
+        f"PIV_EXT_AUTH_KEY=/tmp/mk piv-tool -A M:9B:03 -s {apdu} -C 9D -i /tmp/cert.pem "
+        ">/tmp/import.log 2>&1; cat /tmp/import.log"
+    )
+    out = guest.check(script, timeout=60)
+    assert "Received (SW1=0x90, SW2=0x00)" in out, out
+    signature = _sign_in_guest(guest, "03", "ECDSA-SHA256", "--signature-format openssl")
+    key.public_key().verify(signature, DATA, ec.ECDSA(hashes.SHA256()))

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.pcscd.pivsetup import piv  # noqa: F401 - the PIV card fixture of these tests
 from tests.support import require_peers
 from vmc.lab.pcscd import PEER_PACKAGES, PcscdHarness, missing_peers
 

@@ -9,9 +9,6 @@ Every test works on a fresh copy of fixtures/certs and its own state directory.
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,67 +17,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from vmc.lab.pcscd import OPENSC_PKCS11, READER, PcscdHarness
+from tests.pcscd.pivsetup import FIXTURES, PIN, PUK, PivSetup
+from vmc.lab.pcscd import READER
 
 pytestmark = pytest.mark.pcscd
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
-PIN, PUK = "123456", "12345678"
-#: Every PIN, PUK and management key these tests send (padded as VERIFY sends them).
-SECRETS = [b"123456\xff\xff", b"12345678", b"654321\xff\xff", b"111111\xff\xff",
-           bytes.fromhex("010203040506070801020304050607080102030405060708")]
-YKPIV = ("yubico-piv-tool", "-r", READER)
-
-
-@dataclass
-class PivSetup:
-    pcscd: PcscdHarness
-    certs: Path  # this test's copy of fixtures/certs
-    state: Path
-    work: Path
-    logs: list[Path] = field(default_factory=list)  # every bridge's -vvv log
-
-    @property
-    def spec(self) -> str:
-        return f"piv:{self.certs / 'card.toml'}"
-
-    def start(self) -> None:
-        bridge = self.pcscd.start_bridge(self.spec, "--state-dir", str(self.state), verbose=3)
-        self.logs.append(bridge.log_path)
-
-    def restart_bridge(self) -> None:
-        assert self.pcscd.stop_bridge() == 0
-        self.start()
-
-    def run(self, *argv: str, check: bool = True) -> str:
-        # HOME: OpenSC's file cache (~/.cache/opensc) stays per test
-        result = self.pcscd.run(*argv, check=check, env={"HOME": str(self.work)})
-        return result.stdout + result.stderr
-
-    def p11(self, *args: str, check: bool = True) -> str:
-        return self.run("pkcs11-tool", "--module", str(OPENSC_PKCS11), *args, check=check)
-
-    def ykpiv(self, *args: str, check: bool = True) -> str:
-        return self.run(*YKPIV, *args, check=check)
-
-    def cert(self, slot: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate((self.certs / f"{slot}.crt").read_bytes())
-
-
-@pytest.fixture
-def piv(pcscd: PcscdHarness, tmp_path: Path) -> Iterator[PivSetup]:
-    certs = tmp_path / "certs"
-    shutil.copytree(FIXTURES, certs)
-    setup = PivSetup(pcscd, certs, tmp_path / "state", tmp_path)
-    setup.state.mkdir()
-    setup.start()
-    yield setup
-    # whatever the test did, no PIN, PUK or management key reached the bridge's TRAFFIC log
-    assert setup.logs and all(path.stat().st_size for path in setup.logs)
-    for path in setup.logs:
-        text = path.read_text(errors="replace").lower()
-        for secret in SECRETS:
-            assert secret.hex() not in text and secret.hex(" ") not in text, (path, secret)
 
 
 def _verify(cert: x509.Certificate, signature: bytes, data: bytes) -> None:
@@ -245,3 +185,18 @@ def test_state_survives_bridge_restart(piv: PivSetup) -> None:
     for name in sorted(p.name for p in FIXTURES.iterdir()):
         assert (piv.certs / name).read_bytes() == (FIXTURES / name).read_bytes(), name
     assert any(piv.state.iterdir())
+
+
+def test_pkcs11_derive_ecdh_9e(piv: PivSetup) -> None:
+    """``pkcs11-tool --derive`` (ECDH) with the 9E key: OpenSC allows it only because the
+    certificate's key usage has keyAgreement (``ccidemu certs generate``)."""
+    from cryptography.hazmat.primitives import serialization
+
+    card_key = piv.cert("9e").public_key()
+    assert isinstance(card_key, ec.EllipticCurvePublicKey)
+    peer = ec.generate_private_key(card_key.curve)
+    (piv.work / "peer.der").write_bytes(peer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    piv.p11("--login", "--pin", PIN, "--derive", "--id", "04", "-m", "ECDH1-DERIVE",
+            "-i", str(piv.work / "peer.der"), "-o", str(piv.work / "shared"))
+    assert (piv.work / "shared").read_bytes() == peer.exchange(ec.ECDH(), card_key)

@@ -190,7 +190,8 @@ def test_cli_strict_import_fails_naming_the_line(
     src = tmp_path / "in.script"
     src.write_text("00A4040000\nZZ\n00A4040000\n")
     assert main(["trace", "import", str(src), "--format", "scriptor", "--strict"]) == 1
-    assert "in.script:2: not hex" in caplog.text
+    assert "ccidemu trace: error: " in (err := capsys.readouterr().err)
+    assert "in.script:2: not hex" in err
     assert main(["trace", "import", str(src), "--format", "scriptor"]) == 0
     assert "skipped 1 malformed" in capsys.readouterr().err
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions, open_card
-from ccidemu.errors import CcidemuError
+from ccidemu.errors import CcidemuError, ConfigError
 from ccidemu.traces.writer import TraceWriter
 from vmc.addr import parse_address
+from vmc.touch import DelayedTouch
 from vmc.vpcd import DEFAULT_VPCD_ADDRESS, VpcdBridge
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ examples:
   ccidemu vpcd --card cac:fixtures/cac --state-dir ~/.local/state/ccidemu/cac
   ccidemu vpcd --card piv: --trace piv.jsonl      # record every APDU (PINs redacted)
   ccidemu vpcd --card replay:piv.jsonl,match      # answer from a recorded trace
+  ccidemu vpcd --card piv:fixtures/certs/card.toml --touch-delay 2   # see touch prompts
   opensc-tool -r 'Virtual PCD 00 00' -a     # then, in another terminal
 """
 
@@ -77,6 +79,11 @@ def register(subparsers: Any) -> None:
         help="write PINs, keys and management-key authentication data in the trace instead "
         "of redacting them",
     )
+    parser.add_argument(
+        "--touch-delay", metavar="SECONDS", type=float, default=None,
+        help="cards with a touch button (PIV keys with a touch policy) are touched this many "
+        "seconds after they ask (default: at once)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -92,7 +99,11 @@ def _open(spec: str | None, options: CardOptions) -> Card:
 
 def run(args: argparse.Namespace) -> int:
     address = parse_address(args.vpcd)
-    card = _open(args.card, CardOptions(state_dir=args.state_dir, read_only=args.read_only))
+    if args.touch_delay is not None and args.touch_delay < 0:
+        raise ConfigError("--touch-delay cannot be negative")
+    touch = None if args.touch_delay is None else DelayedTouch(args.touch_delay)
+    card = _open(args.card, CardOptions(state_dir=args.state_dir, read_only=args.read_only,
+                                        touch=touch))
     trace = None
     if args.trace is not None:
         trace = TraceWriter(args.trace, source="ccidemu vpcd", secrets=args.trace_secrets,

@@ -59,7 +59,7 @@ GUEST_PACKAGES = (
 #: Host executables the guest needs, installed at the same path in the guest.
 GUEST_PROGRAMS = (
     "/usr/sbin/pcscd", "/usr/bin/opensc-tool", "/usr/bin/pkcs11-tool", "/usr/bin/pkcs15-tool",
-    "/usr/bin/pcsc_scan",
+    "/usr/bin/pcsc_scan", "/usr/bin/piv-tool",
 )
 
 #: Shared objects loaded with dlopen() (ldd cannot see them), installed at the same path.
