@@ -1433,10 +1433,13 @@ class SpiceSmartcardClient:
         conn.connection_lost(now)
         self._pump(conn, now)
 
-    def connect_failed(self, channel: int, reason: str) -> None:
-        """Opening ``channel``'s connection failed (refused, unreachable, TLS)."""
-        self._fail(SpiceError(SpiceFailure.UNREACHABLE, f"{self.label}: cannot connect the "
-                              f"{_channel_name(channel)} channel: {reason}"))
+    def connect_failed(self, channel: int, error: SpiceError | str) -> None:
+        """Opening ``channel``'s connection failed (refused, unreachable, TLS): the session
+        ends with ``error`` (a reason string becomes an ``UNREACHABLE`` error)."""
+        if isinstance(error, str):
+            error = SpiceError(SpiceFailure.UNREACHABLE, f"{self.label}: cannot connect the "
+                               f"{_channel_name(channel)} channel: {error}")
+        self._fail(error)
 
     def data_to_send(self, channel: int) -> bytes:
         conn = self._channel(channel)
