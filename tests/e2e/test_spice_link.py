@@ -76,10 +76,10 @@ class Recorder:
         self.transport.write(self.session.data_to_send())
 
 
-def connect(target: SpiceTarget, recorder: Recorder | None = None,
-            **kw: float) -> tuple[SpiceTransport, Recorder]:
+def connect(target: SpiceTarget, recorder: Recorder | None = None, *,
+            setup_timeout: float = 10.0) -> tuple[SpiceTransport, Recorder]:
     recorder = recorder or Recorder()
-    transport = SpiceTransport(target, recorder, **kw)  # type: ignore[arg-type]
+    transport = SpiceTransport(target, recorder, setup_timeout=setup_timeout)
     transport.start()
     return transport, recorder
 
@@ -92,8 +92,9 @@ def wait_for(predicate: object, timeout: float = 30, what: str = "condition") ->
         time.sleep(0.05)
 
 
-def expect_failure(target: SpiceTarget, failure: SpiceFailure, **kw: float) -> SpiceError:
-    transport, recorder = connect(target, **kw)
+def expect_failure(target: SpiceTarget, failure: SpiceFailure, *,
+                   setup_timeout: float = 10.0) -> SpiceError:
+    transport, recorder = connect(target, setup_timeout=setup_timeout)
     assert recorder.lost.wait(30), "the transport never ended"
     transport.join(10)
     assert not recorder.made.is_set()
