@@ -1552,7 +1552,7 @@ class SpiceSmartcardClient:
         elif conn is self.smartcard:
             self._phase = _SessionPhase.READY
             assert self.session_id is not None
-            log.info("%s: smartcard channel up (session %#x)", self.label, self.session_id)
+            log.debug("%s: smartcard channel up (session %#x)", self.label, self.session_id)
             self._events.append(SmartcardReady(self.session_id))
             self._flush_vsc()
 
