@@ -11,8 +11,12 @@ device" (recorded here) and rewrites reader ids to 0.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import socket
+import ssl
 import struct
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -213,3 +217,88 @@ class FakeServerConnection:
 
     def messages(self, type_: int) -> list[bytes]:
         return [body for t, body in self.received if t == type_]
+
+
+class FakeSpiceSocketServer:
+    """:class:`FakeSpiceServer` on a real TCP socket (127.0.0.1, a free port), one thread per
+    connection.  ``push(channel_type, raw)`` sends raw bytes on the live connection of that
+    channel type; ``tls`` wraps accepted sockets with that server context."""
+
+    def __init__(self, fake: FakeSpiceServer | None = None, tls: ssl.SSLContext | None = None
+                 ) -> None:
+        self.fake = fake or FakeSpiceServer()
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.live: dict[int, tuple[socket.socket, FakeServerConnection]] = {}
+        self.closed_channels: list[int] = []
+        self.threads: list[threading.Thread] = []
+        self._stop = False
+        self._accept = threading.Thread(target=self._accept_loop, daemon=True)
+
+    def __enter__(self) -> FakeSpiceSocketServer:
+        self._accept.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self.listener.close()
+        with self.lock:
+            for sock, _ in self.live.values():
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(5)
+
+    def _accept_loop(self) -> None:
+        while not self._stop:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        conn = self.fake.connection()
+        try:
+            sock = self.tls.wrap_socket(raw, server_side=True) if self.tls else raw
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        with sock:
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                with self.lock:
+                    conn.receive_data(data)
+                    if conn.channel_type and conn.state != "link":
+                        self.live[conn.channel_type] = (sock, conn)
+                    out = conn.data_to_send()
+                if out:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(out)
+                if conn.closed:
+                    break
+        with self.lock:
+            if self.live.get(conn.channel_type, (None, None))[1] is conn:
+                del self.live[conn.channel_type]
+            self.closed_channels.append(conn.channel_type)
+
+    def connection(self, channel_type: int) -> FakeServerConnection | None:
+        with self.lock:
+            entry = self.live.get(channel_type)
+            return entry[1] if entry else None
+
+    def push(self, channel_type: int, raw: bytes = b"", *, flush: bool = True) -> None:
+        """Send ``raw`` (and, with ``flush``, what the fake queued) on that live connection."""
+        with self.lock:
+            sock, conn = self.live[channel_type]
+            out = (conn.data_to_send() if flush else b"") + raw
+        sock.sendall(out)

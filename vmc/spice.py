@@ -571,8 +571,8 @@ class SpiceTransport:
 
     def _read(self, channel: SpiceChannelType) -> None:
         sock = self._socks.get(channel)
-        if sock is None:
-            return
+        if sock is None or (channel is SMARTCARD and self._paused):
+            return  # paused: effective at once (the selector drops the socket next round)
         client = self._client
         while True:
             try:
