@@ -38,7 +38,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -271,7 +271,7 @@ def parse_host_subject(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def match_host_subject(cert: dict[str, object], expected: str) -> bool:
+def match_host_subject(cert: Mapping[str, object], expected: str) -> bool:
     """Does the subject of ``cert`` (``SSLSocket.getpeercert()``) equal ``expected``?"""
     subject = cert.get("subject", ())
     got: list[tuple[str, str]] = []

@@ -191,11 +191,11 @@ def test_close_before_start_reports_once() -> None:
 
 def test_wrong_password_and_missing_channel_over_sockets() -> None:
     with FakeSpiceSocketServer(FakeSpiceServer(password=b"pw")) as srv:
-        transport, handler = start(srv.port, password="nope")
+        _transport, handler = start(srv.port, password="nope")
         assert handler.lost.wait(10) and not handler.made.is_set()
         assert handler.error is not None and handler.error.failure is SpiceFailure.WRONG_PASSWORD
     with FakeSpiceSocketServer(FakeSpiceServer(smartcard_channel=False)) as srv:
-        transport, handler = start(srv.port, password="")
+        _transport, handler = start(srv.port, password="")
         assert handler.lost.wait(10)
         assert handler.error is not None
         assert handler.error.failure is SpiceFailure.NO_SMARTCARD_CHANNEL
