@@ -4,9 +4,9 @@ Written independently of :mod:`ccidemu.spice`'s decoders (its own ``struct`` par
 client side) so that paired tests check one implementation against another.  Behaviour taken
 from spice-server (docs/PROTOCOL.md, "SPICE"): link reply with a fresh 1024-bit RSA key, OAEP
 (SHA-1) ticket, link result; the main channel sends INIT and, on ATTACH_CHANNELS, the channel
-list; the smartcard channel drops VSCard Init, answers ReaderAdd with Error(0, SUCCESS) (a
-second one with CANNOT_ADD_MORE_READERS, as QEMU does), forwards ATR/APDU/Error to "the
-device" (recorded here) and rewrites reader ids to 0.
+list; the smartcard channel drops VSCard Init, answers every ReaderAdd with Error(0, SUCCESS)
+(reader id rewritten to 0, as QEMU 7.2 + spice-server do), forwards ATR/APDU/Error/CardRemove
+to "the device" (recorded here).
 """
 
 from __future__ import annotations
@@ -204,12 +204,10 @@ class FakeServerConnection:
             assert len(data) == length and len(body) == 12 + length  # one VSCard message
             if vtype == 1:  # Init: dropped by the server
                 return
-            if vtype == 3:  # ReaderAdd: to the device, whose answer comes back as reader 0
-                if self.server.reader_added:
-                    self.send_vsc(2, 0, struct.pack("<I", 2))  # CANNOT_ADD_MORE_READERS
-                else:
-                    self.server.reader_added = True
-                    self.send_vsc(2, 0, struct.pack("<I", 0))
+            if vtype == 3:  # ReaderAdd: to the device, whose answer comes back as reader 0;
+                # QEMU 7.2 answers a second one with SUCCESS as well (seen), still reader 0.
+                self.server.reader_added = True
+                self.send_vsc(2, 0, struct.pack("<I", 0))
                 return
             self.server.device.append((vtype, reader_id, data))
             if vtype in (5, 6):  # ATR, CardRemove: QEMU answers Error(SUCCESS)

@@ -81,7 +81,7 @@ SMARTCARD = SpiceChannelType.SMARTCARD
 #: What --help and errors say about readers (docs/PROTOCOL.md, "SPICE": one reader a session).
 ONE_READER_HELP = (
     "A SPICE session carries exactly one reader: spice-server attaches a client to the first "
-    "free spicevmc smartcard chardev and ignores a second ReaderAdd, and QEMU 7.2 does not "
+    "free spicevmc smartcard chardev, a second ReaderAdd adds no reader, and QEMU 7.2 does not "
     "start with two spicevmc smartcard chardevs."
 )
 
