@@ -261,6 +261,9 @@ class FakeSpiceSocketServer:
 
     def _serve(self, raw: socket.socket) -> None:
         conn = self.fake.connection()
+        # No Nagle: a small message must not wait for the ACK of the one before it, so that
+        # bytes pushed on one connection before another are on the wire first.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock = self.tls.wrap_socket(raw, server_side=True) if self.tls else raw
         except (OSError, ssl.SSLError):

@@ -594,11 +594,12 @@ def test_vscard_travels_inside_message_101_one_per_message() -> None:
     client, _fake, main, card = _linked_session()
     init = struct.pack("<III", 1, 0, 12) + b"VSCD" + struct.pack("<II", 2, 0)
     add = struct.pack("<III", 3, 0, 4) + b"test"
-    client.send_vsc(init + add[:5])  # partial messages are held until whole
-    client.send_vsc(add[5:])
+    remove = struct.pack("<III", 6, 0, 0)
+    client.send_vsc(init + add + remove[:5])  # cut into messages; partial ones held
+    client.send_vsc(remove[5:])
     events = _pump_session(client, main, card)
-    assert card.messages(101) == [init, add]
-    assert events == [VscData(H("02000000 00000000 04000000 00000000"))]
+    assert card.messages(101) == [init, add, remove]
+    assert events == [VscData(H("02000000 00000000 04000000 00000000"))] * 2
     card.send_vsc(7, 0, H("00a4040000"))
     assert _pump_session(client, main, card) == [VscData(H("07000000 00000000 05000000"
                                                            "00a4040000"))]

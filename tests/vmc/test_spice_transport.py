@@ -159,9 +159,12 @@ def test_pause_reading_holds_smartcard_data_but_not_pings(server: FakeSpiceSocke
         assert card is not None and main is not None
         card.send_vsc(7, 0, H("80E0000001 aa"))
         server.push(8)
-        main.ping(5, 6)
-        server.push(1)
-        wait_for(lambda: main.messages(3) != [], what="pong while paused")
+        # Three PING round trips on the main channel, each sent after the APDU (no Nagle on
+        # either side): unpaused, the I/O thread would have read the APDU before any PONG.
+        for n in range(3):
+            main.ping(n, 6)
+            server.push(1)
+            wait_for(lambda n=n: len(main.messages(3)) == n + 1, what="pong while paused")
         assert len(handler.received) == 32  # the APDU is still in the socket
         transport.resume_reading()
         wait_for(lambda: len(server.fake.device) == 2, what="APDU after resume")
