@@ -721,3 +721,14 @@ def test_construct_errors_never_escape() -> None:
     with pytest.raises(EncodeError):
         encode_link_reply(LinkReply(0, b"short"))
     assert not issubclass(construct.ConstructError, DecodeError)
+
+
+def test_an_over_long_vscard_message_of_ours_is_an_encode_error() -> None:
+    fake = FakeSpiceServer()
+    client = SpiceSmartcardClient("", max_length=100)
+    main, card = fake.connection(), fake.connection()
+    client.start(0.0)
+    _pump_session(client, main, card)
+    assert client.ready
+    with pytest.raises(EncodeError, match="VSCard message length 101 exceeds the cap of 100"):
+        client.send_vsc(struct.pack("<III", 7, 0, 101) + bytes(101))

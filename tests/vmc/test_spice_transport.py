@@ -161,10 +161,14 @@ def test_pause_reading_holds_smartcard_data_but_not_pings(server: FakeSpiceSocke
         server.push(8)
         # Three PING round trips on the main channel, each sent after the APDU (no Nagle on
         # either side): unpaused, the I/O thread would have read the APDU before any PONG.
-        for n in range(3):
+        for n in range(1, 4):
             main.ping(n, 6)
             server.push(1)
-            wait_for(lambda n=n: len(main.messages(3)) == n + 1, what="pong while paused")
+
+            def answered(count: int = n) -> bool:
+                return len(main.messages(3)) == count
+
+            wait_for(answered, what="pong while paused")
         assert len(handler.received) == 32  # the APDU is still in the socket
         transport.resume_reading()
         wait_for(lambda: len(server.fake.device) == 2, what="APDU after resume")
