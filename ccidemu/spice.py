@@ -1554,7 +1554,10 @@ class SpiceSmartcardClient:
             assert self.session_id is not None
             log.debug("%s: smartcard channel up (session %#x)", self.label, self.session_id)
             self._events.append(SmartcardReady(self.session_id))
-            self._flush_vsc()
+            try:
+                self._flush_vsc()
+            except EncodeError as exc:  # our own over-long message, queued before now
+                self._fail(SpiceError(SpiceFailure.PROTOCOL, f"{self.label}: {exc}"))
 
     def _on_message(self, conn: SpiceChannelConnection, message: ServerMessage) -> None:
         channel = conn.channel_type
