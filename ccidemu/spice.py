@@ -1337,6 +1337,26 @@ class _SessionPhase(enum.Enum):
 _VSC_HEADER = struct.Struct("<III")  # VSCMsgHeader inside SPICE: u32 type, reader_id, length
 
 
+class _VscFrames(FrameStream[bytes]):
+    """Our own VSCard byte stream cut into whole messages (header + payload bytes), one per
+    SPICE message 101: the framing of vscard_common.h, little-endian, payloads untouched."""
+
+    what = "VSCard stream for the server"
+
+    def _cut(self, buf: bytearray, events: deque[bytes]) -> int:
+        start = 0
+        size = len(buf)
+        while size - start >= 12:
+            _type, _reader, length = _VSC_HEADER.unpack_from(buf, start)
+            check_length(length, self.max_length, "VSCard message")
+            end = start + 12 + length
+            if end > size:
+                break
+            events.append(bytes(buf[start:end]))
+            start = end
+        return start
+
+
 class SpiceSmartcardClient:
     """A SPICE session that carries one VSCard stream (see the module docstring, steps 4, 5).
 
@@ -1377,7 +1397,7 @@ class SpiceSmartcardClient:
         self.channels: tuple[tuple[int, int], ...] | None = None
         self._phase = _SessionPhase.MAIN_LINK
         self._events: deque[SessionEvent] = deque()
-        self._pending_vsc = bytearray()  # our VSCard bytes not yet cut into messages
+        self._vsc_out = _VscFrames(max_length)  # our VSCard bytes, cut into messages
         self._started_at: float | None = None
         self.error: SpiceError | None = None
 
@@ -1457,28 +1477,22 @@ class SpiceSmartcardClient:
         """
         if self._phase is _SessionPhase.CLOSED or not data:
             return
-        pending = self._pending_vsc
-        pending += data
+        try:
+            self._vsc_out.receive_data(data)
+        except DecodeError as exc:  # only after an earlier over-long message of ours
+            raise EncodeError(str(exc)) from None
         if self._phase is _SessionPhase.READY:
             self._flush_vsc()
 
     def _flush_vsc(self) -> None:
-        pending = self._pending_vsc
         conn = self.smartcard
         assert conn is not None
-        start = 0
-        size = len(pending)
-        while size - start >= 12:
-            _type, _reader, length = _VSC_HEADER.unpack_from(pending, start)
-            if length > self._max_length:
-                raise EncodeError(f"VSCard message of {length} bytes exceeds the cap")
-            end = start + 12 + length
-            if end > size:
-                break
-            conn.send_raw(SMARTCARD_DATA, bytes(pending[start:end]))
-            start = end
-        if start:
-            del pending[:start]
+        frames = self._vsc_out
+        try:
+            while (message := frames.next_event()) is not None:
+                conn.send_raw(SMARTCARD_DATA, message)
+        except DecodeError as exc:
+            raise EncodeError(f"{self.label}: {exc}") from None
 
     def close(self, now: float) -> None:
         """We end the session (polite DISCONNECTING on the main channel first, if up)."""

@@ -732,3 +732,15 @@ def test_an_over_long_vscard_message_of_ours_is_an_encode_error() -> None:
     assert client.ready
     with pytest.raises(EncodeError, match="VSCard message length 101 exceeds the cap of 100"):
         client.send_vsc(struct.pack("<III", 7, 0, 101) + bytes(101))
+
+
+def test_an_over_long_message_queued_before_ready_fails_the_session() -> None:
+    fake = FakeSpiceServer()
+    client = SpiceSmartcardClient("", max_length=100)
+    client.send_vsc(struct.pack("<III", 7, 0, 101) + bytes(101))  # held: not up yet
+    main, card = fake.connection(), fake.connection()
+    client.start(0.0)
+    events = _pump_session(client, main, card)  # must not raise
+    assert isinstance(events[-1], SessionClosed) and client.error is not None
+    assert "exceeds the cap of 100" in str(client.error)
+    assert card.messages(101) == []
