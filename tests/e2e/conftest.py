@@ -65,7 +65,8 @@ def pytest_runtest_makereport(
         funcargs = getattr(item, "funcargs", {})
         seen: set[int] = set()
         for value in funcargs.values():
-            candidates = value if isinstance(value, tuple) else (value,)
+            candidates = value if isinstance(value, tuple) else (
+                value, getattr(value, "guest", None))  # e.g. an environment holding a guest
             for obj in candidates:
                 if id(obj) in seen:
                     continue

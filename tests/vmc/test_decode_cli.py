@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,46 @@ def test_garbage_binary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc = main(["-q", "decode", str(tmp_path / "nope.hex")])
     assert rc == 1  # ConfigError, logged by the CLI root
+
+
+def _vd_chunk(port: int, body: bytes) -> bytes:
+    """spice-protocol vd_agent.h VDIChunkHeader (u32 port, u32 size, little-endian) + body."""
+    return struct.pack("<II", port, len(body)) + body
+
+
+def _vd_message(type_: int, data: bytes, opaque: int = 0) -> bytes:
+    """VDAgentMessage: u32 protocol (1), u32 type, u64 opaque, u32 size, then data."""
+    return struct.pack("<IIQI", 1, type_, opaque, len(data)) + data
+
+
+def test_vdagent_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    announce = _vd_message(6, struct.pack("<II", 1, 0x0F))  # request=1, caps bits 0..3
+    clipboard = _vd_message(4, b"hello, guest", opaque=7)
+    stream = (_vd_chunk(1, announce) + _vd_chunk(2, clipboard[:10])  # split mid-header
+              + _vd_chunk(2, clipboard[10:]))
+    rc, out, _ = run(capsys, "--as", "vdagent", write(tmp_path, "v.bin", stream))
+    assert rc == 0, out
+    assert out.splitlines() == [
+        "#1 @0: chunk port=CLIENT size=28",
+        "    message ANNOUNCE_CAPABILITIES protocol=1 opaque=0 size=8 request=1 "
+        "caps=CLIPBOARD,MONITORS_CONFIG,MOUSE_STATE,REPLY",
+        "#2 @36: chunk port=SERVER size=10",
+        "#3 @54: chunk port=SERVER size=22",
+        "    message CLIPBOARD protocol=1 opaque=7 size=12 " + b"hello, guest".hex(),
+        "3 vdagent chunks, 2 messages, 84 bytes",
+    ]
+    rc, out, _ = run(capsys, "--as", "vdagent", write(tmp_path, "v.hex", stream.hex()))
+    assert rc == 0 and "3 vdagent chunks, 2 messages" in out
+
+
+def test_vdagent_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _vd_chunk(1, _vd_message(9, b""))
+    rc, out, err = run(capsys, "--as", "vdagent", write(tmp_path, "t.bin", good + good[:5]))
+    assert rc == 1 and "#1 @0: chunk port=CLIENT size=20" in out
+    assert "decode error: 5 bytes at the end do not complete a chunk or message (at byte 28)" \
+        in err
+    huge = struct.pack("<II", 1, 0x7FFFFFFF)
+    rc, out, err = run(capsys, "--as", "vdagent", write(tmp_path, "h.bin", good + huge))
+    assert rc == 1
+    assert "vdagent chunk #2: VDIChunk length 2147483647 exceeds the cap" in err
+    assert "(at byte 28)" in err

@@ -1,4 +1,5 @@
-"""``ccidemu decode``: turn VSCard, CCID, APDU, ATR, BER-TLV or usbmon pcap bytes into text.
+"""``ccidemu decode``: turn VSCard, CCID, APDU, ATR, BER-TLV, vdagent or usbmon pcap bytes into
+text.
 
 Input is FILE (or stdin), hex or binary (auto-detected unless ``--hex``/``--binary``).
 Hex input may contain whitespace, newlines, colons and ``#`` comments.  A decode error
@@ -30,9 +31,16 @@ from ccidemu.errors import ConfigError, DecodeError
 from ccidemu.pcap import ccid_records
 from ccidemu.redact import Redactor
 from ccidemu.tlv import describe_tlv
+from ccidemu.vdagent import (
+    CHUNK_HEADER_SIZE,
+    VdAgentMessage,
+    VdAgentMessageType,
+    VdagentStream,
+    decode_announce_capabilities,
+)
 from ccidemu.vsc import VscApdu, VscAtr, VscCardRemove, decode_vsc, describe_vsc
 
-_MODES = ("auto", "vsc", "ccid", "apdu", "rapdu", "atr", "tlv", "pcap")
+_MODES = ("auto", "vsc", "ccid", "apdu", "rapdu", "atr", "tlv", "pcap", "vdagent")
 _HEX_CHARS = frozenset(string.hexdigits + string.whitespace + ":")
 _PCAP_MAGICS = (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
 
@@ -43,6 +51,8 @@ modes (--as):
   apdu   one command APDU per line      rapdu  one response APDU per line
   atr    one ATR                        tlv    a BER-TLV tree
   pcap   a usbmon pcap (e.g. QEMU -device usb-ccid,pcap=FILE): CCID exchanges
+  vdagent  the other spicevmc stream (-chardev spicevmc,name=vdagent): VDIChunk headers
+         and the VDAgentMessages they carry (never guessed by auto)
   auto   (default) guess from the bytes: pcap magic, VSCard header, ATR, else APDUs
 
 example: ccidemu decode --as vsc fixtures/samples/qemu-session.hex
@@ -52,7 +62,7 @@ example: ccidemu decode --as vsc fixtures/samples/qemu-session.hex
 def register(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "decode",
-        help="decode VSCard, CCID, APDU or ATR bytes into readable text",
+        help="decode VSCard, CCID, APDU, ATR or vdagent bytes into readable text",
         description="Decode protocol bytes (hex or binary, from FILE or stdin) into text.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -279,6 +289,48 @@ def _decode_per_line(
     return 0
 
 
+def _decode_vdagent(data: bytes, out: Out) -> int:
+    """spice-protocol vd_agent.h: chunks (port, size) carrying per-port VDAgentMessages."""
+    stream = VdagentStream()
+    stream.receive_data(data)
+    pos = 0
+    chunks = messages = 0
+    while True:
+        try:
+            event = stream.next_event()
+        except DecodeError as exc:
+            raise DecodeError(f"vdagent chunk #{chunks + 1}: {exc}", offset=pos) from None
+        if event is None:
+            break
+        if isinstance(event, VdAgentMessage):
+            messages += 1
+            out(f"    {_describe_vdagent_message(event)}")
+            continue
+        chunks += 1
+        port = getattr(event.port, "name", event.port)
+        out(f"#{chunks} @{pos}: chunk port={port} size={len(event.data)}")
+        pos += CHUNK_HEADER_SIZE + len(event.data)
+    if stream.buffered:
+        raise DecodeError(f"{stream.buffered} bytes at the end do not complete a chunk or "
+                          "message", offset=pos)
+    out(f"{chunks} vdagent chunks, {messages} messages, {len(data)} bytes")
+    return 0
+
+
+def _describe_vdagent_message(msg: VdAgentMessage) -> str:
+    kind = msg.type.name if isinstance(msg.type, VdAgentMessageType) else f"type {msg.type}"
+    head = f"message {kind} protocol={msg.protocol} opaque={msg.opaque} size={len(msg.data)}"
+    if msg.type == VdAgentMessageType.ANNOUNCE_CAPABILITIES:
+        try:
+            request, caps = decode_announce_capabilities(msg.data)
+        except DecodeError as exc:
+            return f"{head}: malformed capabilities: {exc}"
+        names = sorted(getattr(c, "name", str(c)) for c in caps)
+        return f"{head} request={int(request)} caps={','.join(names) or '-'}"
+    shown = msg.data[:32].hex() + ("..." if len(msg.data) > 32 else "")
+    return f"{head} {shown}".rstrip()
+
+
 def _guess_mode(data: bytes) -> str:
     if data[:4] in _PCAP_MAGICS:
         return "pcap"
@@ -360,4 +412,6 @@ def _run(args: argparse.Namespace, raw: bytes, out: Out) -> int:
     if mode == "tlv":
         out(describe_tlv(data))
         return 0
+    if mode == "vdagent":
+        return _decode_vdagent(data, out)
     raise ConfigError(f"unknown mode {mode!r}")  # argparse choices make this unreachable

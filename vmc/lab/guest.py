@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,17 @@ def missing_host_tools() -> list[str]:
                 if f'"{dev}"' not in out:
                     missing.append(f"QEMU device {dev} (package qemu-system-common?)")
     return missing
+
+
+#: QEMU modules a :attr:`ChardevMode.SPICE` guest needs (Debian's qemu-system-x86 has them).
+SPICE_MODULES = ("ui-spice-core", "chardev-spice")
+
+
+def missing_spice_support() -> list[str]:
+    """What this host's QEMU lacks for ``-spice`` and ``-chardev spicevmc`` (empty if none)."""
+    moddir = Path(os.environ.get("QEMU_MODULE_DIR", str(LIBDIR / "qemu")))
+    return [f"QEMU module {name} ({moddir}/{name}.so)" for name in SPICE_MODULES
+            if not (moddir / f"{name}.so").exists()]
 
 
 # --------------------------------------------------------------------------- image build
@@ -376,6 +387,45 @@ class ChardevMode(enum.Enum):
     QEMU_SERVER = "server"
     #: QEMU connects (``reconnect=1``); the daemon runs ``--listen unix:PATH``.
     QEMU_CLIENT = "client"
+    #: No socket: the chardev is SPICE's (``-chardev spicevmc,name=smartcard``), reached as a
+    #: SPICE client of the guest's ``-spice`` server (:class:`SpiceOptions`).
+    SPICE = "spice"
+
+
+@dataclass(frozen=True)
+class SpiceOptions:
+    """QEMU's ``-spice`` server for :attr:`ChardevMode.SPICE` (docs/PROTOCOL.md, "SPICE").
+
+    ``port``/``tls_port`` on ``addr``; ``password`` None means ``disable-ticketing=on``, else
+    it is passed as a ``-object secret`` file (0600, in the guest's workdir).  ``x509_dir``
+    holds ``ca-cert.pem``, ``server-cert.pem`` and ``server-key.pem`` for the TLS port.
+    """
+
+    port: int | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_port: int | None = None
+    x509_dir: Path | None = None
+    addr: str = "127.0.0.1"
+
+    def qemu_args(self, workdir: Path) -> list[str]:
+        parts = [f"addr={self.addr}"]
+        if self.port is not None:
+            parts.append(f"port={self.port}")
+        if self.tls_port is not None:
+            parts.append(f"tls-port={self.tls_port}")
+            if self.x509_dir is not None:
+                parts.append(f"x509-dir={self.x509_dir}")
+        args: list[str] = []
+        if self.password is None:
+            parts.append("disable-ticketing=on")
+        else:
+            secret = workdir / "spice-password"
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.password)
+            args += ["-object", f"secret,id=spicepw,file={secret}"]
+            parts.append("password-secret=spicepw")
+        return [*args, "-spice", ",".join(parts)]
 
 
 @dataclass(frozen=True)
@@ -401,7 +451,11 @@ class Guest:
         *,
         pcap: Path | None = None,
         memory_mb: int = 512,
+        spice: SpiceOptions | None = None,
     ) -> None:
+        if (mode is ChardevMode.SPICE) != (spice is not None):
+            raise GuestError("SpiceOptions go with ChardevMode.SPICE, and only with it")
+        self.spice = spice
         self.image = image
         self.workdir = workdir
         self.vsc_socket = vsc_socket
@@ -418,10 +472,15 @@ class Guest:
         self.boot_seconds = 0.0
 
     def qemu_command(self) -> list[str]:
+        spice: list[str] = []
         if self.mode is ChardevMode.QEMU_SERVER:
             vsc = f"socket,id=vsc,path={self.vsc_socket},server=on,wait=off"
-        else:
+        elif self.mode is ChardevMode.QEMU_CLIENT:
             vsc = f"socket,id=vsc,path={self.vsc_socket},reconnect=1"
+        else:
+            assert self.spice is not None
+            vsc = "spicevmc,id=vsc,name=smartcard"
+            spice = self.spice.qemu_args(self.workdir)
         ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap else "")
         return [
             QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
@@ -432,7 +491,7 @@ class Guest:
             "-serial", "stdio",
             "-serial", f"file:{self.pcscd_log_path}",
             "-device", "qemu-xhci,id=xhci", "-device", ccid,
-            "-chardev", vsc, "-device", "ccid-card-passthru,chardev=vsc",
+            "-chardev", vsc, "-device", "ccid-card-passthru,chardev=vsc", *spice,
         ]
 
     def start(self, timeout: float = 60) -> None:
@@ -586,11 +645,16 @@ class Guest:
 
 @contextlib.contextmanager
 def boot_guest(
-    image: GuestImage, workdir: Path, mode: ChardevMode, *, pcap: bool = False
+    image: GuestImage, workdir: Path, mode: ChardevMode, *, pcap: bool = False,
+    spice: SpiceOptions | None = None,
 ) -> Iterator[Guest]:
-    """Boot a guest in ``workdir`` (socket ``vsc.sock``, pcap ``usb.pcap``); stop it after."""
+    """Boot a guest in ``workdir`` (socket ``vsc.sock``, pcap ``usb.pcap``); stop it after.
+
+    ``spice``: the ``-spice`` server of a :attr:`ChardevMode.SPICE` guest.
+    """
     guest = Guest(
-        image, workdir, workdir / "vsc.sock", mode, pcap=workdir / "usb.pcap" if pcap else None
+        image, workdir, workdir / "vsc.sock", mode, pcap=workdir / "usb.pcap" if pcap else None,
+        spice=spice,
     )
     try:
         guest.start()
