@@ -31,6 +31,7 @@ from typing import Any
 from ccidemu.cards import CardOptions
 from ccidemu.errors import ConfigError
 from vmc.addr import Address, UnixAddress, parse_address
+from vmc.spice import SpiceTarget, parse_spice_address, read_password_file
 
 __all__ = [
     "DEFAULT_CARD",
@@ -50,8 +51,10 @@ DEFAULT_CONNECT = "tcp:127.0.0.1:2001"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GLOBAL_KEYS = {"state_dir", "trace", "trace_secrets", "read_only", "allow_remote",
                 "card_timeout", "vm"}
-_VM_KEYS = {"listen", "connect", "cards", "state_dir", "read_only", "allow_remote",
-            "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround"}
+_VM_KEYS = {"listen", "connect", "spice", "cards", "state_dir", "read_only", "allow_remote",
+            "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround",
+            "spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
+_SPICE_KEYS = {"spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class VmConfig:
     name: str
     connect: Address | None = None
     listen: Address | None = None
+    spice: SpiceTarget | None = None  # the VM's SPICE server (vmc/runtime/spice_link.py)
     cards: tuple[str, ...] = (DEFAULT_CARD,)
     state_dir: Path | None = None  # this VM's own directory (never shared with another VM)
     read_only: bool = False
@@ -84,14 +88,14 @@ class VmConfig:
     origin: str = "command line"  # "FILE" for VMs from the config file, "ctl attach"
 
     @property
-    def address(self) -> Address:
-        address = self.listen if self.listen is not None else self.connect
+    def address(self) -> Address | SpiceTarget:
+        address = self.listen or self.connect or self.spice
         assert address is not None
         return address
 
     @property
     def mode(self) -> str:
-        return "listen" if self.listen is not None else "connect"
+        return "listen" if self.listen else "connect" if self.connect else "spice"
 
     def card_options(self) -> CardOptions:
         return CardOptions(state_dir=self.state_dir, read_only=self.read_only)
@@ -117,6 +121,7 @@ class ServeConfig:
     config_file: Path | None = None
     card_timeout: float = 30.0
     usb_ccid_workaround: bool = True
+    spice: SpiceTarget | None = None  # --spice: one more VM, on a SPICE server
     #: the config file's VMs as last loaded (set by load_config_file / the daemon)
     file_vms: list[VmConfig] = field(default_factory=list)
 
@@ -126,8 +131,11 @@ class ServeConfig:
         With one VM its state is ``--state-dir`` itself (as before VMs had names); with
         several, each has ``--state-dir/<its address>`` (stable when the order changes).
         """
-        endpoints: list[tuple[str, Address]] = [("connect", a) for a in self.connect]
+        endpoints: list[tuple[str, Address | SpiceTarget]] = [
+            ("connect", a) for a in self.connect]
         endpoints += [("listen", a) for a in self.listen]
+        if self.spice is not None:
+            endpoints.append(("spice", self.spice))
         vms = []
         base = self.card_options.state_dir
         for n, (mode, address) in enumerate(endpoints, 1):
@@ -136,8 +144,9 @@ class ServeConfig:
                 state_dir = Path(base) / _safe_name(f"{mode}-{address}")
             vms.append(VmConfig(
                 name=f"vm{n}",
-                connect=address if mode == "connect" else None,
-                listen=address if mode == "listen" else None,
+                connect=address if mode == "connect" else None,  # type: ignore[arg-type]
+                listen=address if mode == "listen" else None,  # type: ignore[arg-type]
+                spice=address if isinstance(address, SpiceTarget) else None,
                 cards=tuple(self.cards) or (DEFAULT_CARD,),
                 state_dir=state_dir,
                 read_only=self.card_options.read_only,
@@ -305,22 +314,34 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
     if unknown:
         raise source.error(where, unknown[0],
                            f"unknown setting (known: {', '.join(sorted(_VM_KEYS))})")
-    addresses = {key: table[key] for key in ("listen", "connect") if key in table}
+    addresses = {key: table[key] for key in ("listen", "connect", "spice") if key in table}
     if len(addresses) != 1:
-        raise source.error(where, None, "give exactly one of listen or connect")
+        raise source.error(where, None, "give exactly one of listen, connect or spice")
     (mode, text), = addresses.items()
-    if not isinstance(text, str):
-        raise source.error(where, mode, "must be an address string: unix:PATH or tcp:HOST:PORT")
-    try:
-        address = parse_address(text)
-    except ConfigError as exc:
-        raise source.error(where, mode, str(exc)) from None
-    if isinstance(address, UnixAddress) and not address.path.is_absolute():
-        address = UnixAddress(base / address.path)
     cards = table.get("cards", [DEFAULT_CARD])
     if (not isinstance(cards, list) or not cards
             or not all(isinstance(c, str) and c for c in cards)):
         raise source.error(where, "cards", 'must be a list of card specs, e.g. ["piv:DIR"]')
+    spice = None
+    address: Address | None = None
+    if mode == "spice":
+        spice = _spice_target(source, where, table, text, base)
+        if len(cards) != 1:
+            raise source.error(where, "cards", "a SPICE session carries one reader: give one "
+                               "card (docs/PROTOCOL.md, \"SPICE\")")
+    else:
+        given = sorted(_SPICE_KEYS & set(table))
+        if given:
+            raise source.error(where, given[0], "applies to a spice endpoint only")
+        if not isinstance(text, str):
+            raise source.error(where, mode,
+                               "must be an address string: unix:PATH or tcp:HOST:PORT")
+        try:
+            address = parse_address(text)
+        except ConfigError as exc:
+            raise source.error(where, mode, str(exc)) from None
+        if isinstance(address, UnixAddress) and not address.path.is_absolute():
+            address = UnixAddress(base / address.path)
     own_state = (_path(source, where, "state_dir", table["state_dir"], base)
                  if "state_dir" in table else
                  (state_dir / name if state_dir is not None else None))
@@ -340,6 +361,7 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
         name=name,
         connect=address if mode == "connect" else None,
         listen=address if mode == "listen" else None,
+        spice=spice,
         cards=tuple(cards),
         state_dir=own_state,
         read_only=(_bool(source, where, "read_only", table["read_only"])
@@ -352,6 +374,36 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
                              if "usb_ccid_workaround" in table else True),
         origin=str(source.path),
     )
+
+
+def _spice_target(source: _Source, where: tuple[str, ...], table: dict[str, Any], text: Any,
+                  base: Path) -> SpiceTarget:
+    if not isinstance(text, str):
+        raise source.error(where, "spice", "must be HOST:PORT")
+    try:
+        host, port = parse_spice_address(text)
+    except ConfigError as exc:
+        raise source.error(where, "spice", str(exc)) from None
+    tls_port = table.get("spice_tls_port")
+    if tls_port is not None and (isinstance(tls_port, bool) or not isinstance(tls_port, int)):
+        raise source.error(where, "spice_tls_port", "must be a port number")
+    ca_file = (_path(source, where, "spice_ca_file", table["spice_ca_file"], base)
+               if "spice_ca_file" in table else None)
+    subject = table.get("spice_host_subject")
+    if subject is not None and not isinstance(subject, str):
+        raise source.error(where, "spice_host_subject", "must be a subject string")
+    password = ""
+    if "spice_password_file" in table:
+        password_file = _path(source, where, "spice_password_file",
+                              table["spice_password_file"], base)
+        try:
+            password = read_password_file(password_file)
+        except ConfigError as exc:
+            raise source.error(where, "spice_password_file", str(exc)) from None
+    try:
+        return SpiceTarget(host, port, tls_port, ca_file, subject, password)
+    except ConfigError as exc:
+        raise source.error(where, "spice", str(exc)) from None
 
 
 def _path(source: _Source, table: tuple[str, ...], key: str, value: Any, base: Path) -> Path:

@@ -42,6 +42,7 @@ from ccidemu.cards import open_card
 from ccidemu.errors import CcidemuError, ConfigError
 from ccidemu.files import DirectoryLock, ensure_private_dir
 from ccidemu.traces import TraceWriter
+from vmc import systemd
 from vmc.addr import parse_address
 from vmc.config import DEFAULT_CARD, DEFAULT_CONNECT, ServeConfig, VmConfig, load_config_file
 from vmc.control import ControlError, check_control_path
@@ -51,6 +52,7 @@ from vmc.runtime.control import ControlServer, Reply
 from vmc.runtime.endpoint import Vm, bind_listen_socket, bind_unix
 from vmc.runtime.loop import Loop
 from vmc.session import ApduDone
+from vmc.spice import check_one_card
 
 __all__ = ["DEFAULT_CARD", "DEFAULT_CONNECT", "Daemon", "ServeConfig"]
 
@@ -132,7 +134,9 @@ class Daemon:
             control_sock = None
             if config.control is not None:
                 control_sock = bind_unix(config.control.path)
-                self._control_path = config.control.path
+                if not systemd.is_passed(control_sock):
+                    self._control_path = config.control.path  # ours to remove at the end
+            systemd.close_unused()
         except BaseException:
             for p in prepared:
                 p.discard()
@@ -261,6 +265,8 @@ class Daemon:
                     raise ConfigError(
                         f"vm {config.name}: card {twice[0]} is given twice; both readers "
                         "would write one state file (give each its own card files)")
+            if config.spice is not None:
+                check_one_card(list(config.cards), f"vm {config.name}: a SPICE endpoint")
             readers = []
             options = config.card_options()
             for index, spec in enumerate(config.cards):
@@ -552,6 +558,7 @@ class Daemon:
             log.error("reload: %s; nothing changed", exc)
             reply({"ok": False, "error": f"{exc}; nothing changed"})
             return
+        systemd.notify("RELOADING=1")
         old = {c.name: c for c in self._file_vms}
         wanted = {c.name: c for c in new}
         gone = [n for n in old if n not in wanted or wanted[n] != old[n]]
@@ -564,6 +571,7 @@ class Daemon:
         def step() -> None:
             if not steps:
                 log.info("reload: %s", summary)
+                systemd.notify(f"READY=1\nSTATUS=serving {len(self.vms)} VMs")
                 reply({"ok": not summary["errors"], "result": summary,
                        "error": "; ".join(summary["errors"])})
                 return

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ccidemu.cards import CardOptions
+from vmc import systemd
 from vmc.addr import UnixAddress, parse_address
 from vmc.config import (
     DEFAULT_CARD,
@@ -21,6 +22,7 @@ from vmc.config import (
 )
 from vmc.control import parse_control_option
 from vmc.daemon import Daemon
+from vmc.spice import add_spice_arguments, check_one_card, target_from_args
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ examples:
       -device ccid-card-passthru,chardev=ccid
   QEMU run by libvirt (user libvirt-qemu, group kvm):
     ccidemu serve --listen unix:/run/ccidemu/vm1.sock --socket-group kvm --socket-mode 0660
+  QEMU's SPICE server (-spice port=5930,addr=127.0.0.1 -chardev spicevmc,id=ccid,name=smartcard
+  -device usb-ccid -device ccid-card-passthru,chardev=ccid; libvirt type='spicevmc'):
+    ccidemu serve --spice 127.0.0.1:5930 --spice-password-file /etc/ccidemu/vm1.spice --card piv:
   many VMs from a file (see docs/CONFIG.md; 'ccidemu ctl reload' or SIGHUP re-reads it):
     ccidemu serve --config /etc/ccidemu/serve.toml
 
@@ -100,6 +105,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--card-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a blocking (passthrough) card that takes longer for one APDU fails "
                    "that APDU (default 30)")
+    add_spice_arguments(p)
     p.add_argument("--no-usb-ccid-workaround", dest="usb_ccid_workaround",
                    action="store_false",
                    help="send every answer as the card gave it; by default an answer of 54 "
@@ -111,7 +117,10 @@ def register(subparsers: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     connect = [parse_address(a) for a in args.connect]
     listen = [parse_address(a) for a in args.listen]
-    if not connect and not listen and args.config is None:
+    spice = target_from_args(args)
+    if spice is not None:
+        check_one_card(args.card or [DEFAULT_CARD])
+    if not connect and not listen and spice is None and args.config is None:
         connect = [parse_address(DEFAULT_CONNECT)]
     socket = SocketOptions(
         owner=None if args.socket_owner is None else parse_owner(args.socket_owner,
@@ -134,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         config_file=args.config,
         card_timeout=args.card_timeout,
         usb_ccid_workaround=args.usb_ccid_workaround,
+        spice=spice,
     )
 
 
@@ -147,5 +157,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     daemon.start()
     log.info("ready")
-    daemon.serve_forever()
+    systemd.notify(f"READY=1\nSTATUS=serving {len(daemon.vms)} VMs")
+    try:
+        daemon.serve_forever()
+    finally:
+        systemd.notify("STOPPING=1")
     return 0

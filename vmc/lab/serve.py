@@ -57,9 +57,10 @@ class ServeProcess:
         self.starts = 0
 
     def command(self) -> list[str]:
-        flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
-        cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve", flag,
-               f"unix:{self.vsc_socket}"]
+        cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve"]
+        if self.mode is not ChardevMode.SPICE:  # (SPICE: --spice HOST:PORT in extra_args)
+            flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
+            cmd += [flag, f"unix:{self.vsc_socket}"]
         for card in self.cards:
             cmd += ["--card", card]
         cmd += ["--control", f"unix:{self.control}"]

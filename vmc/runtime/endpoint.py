@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ccidemu.errors import ConfigError
+from vmc import systemd
 from vmc.addr import TcpAddress, UnixAddress
 from vmc.config import SocketOptions, VmConfig
 from vmc.runtime.cards import CardHost, Reader
 from vmc.runtime.channel import ChannelStats, VscChannel
 from vmc.runtime.loop import Loop, Timer
+from vmc.runtime.spice_link import SpiceLink, SpiceStream
 from vmc.runtime.transport import Connector, Listener, StreamTransport
 from vmc.session import ApduDone
 from vmc.throttle import LogThrottle
@@ -95,6 +97,7 @@ class Vm:
         self.standby: deque[VscChannel] = deque()
         self.listener: Listener | None = None
         self.connector: Connector | None = None
+        self.spice: SpiceLink | None = None
         self.unix_path: Path | None = None
         self.sessions_total = 0
         self.closed = False
@@ -110,10 +113,15 @@ class Vm:
         config = self.config
         if config.listen is not None:
             assert socks is not None
-            if isinstance(config.listen, UnixAddress):
-                self.unix_path = config.listen.path
+            if isinstance(config.listen, UnixAddress) and not systemd.is_passed(socks[0]):
+                self.unix_path = config.listen.path  # ours to remove at the end
             self.listener = Listener(self.daemon.loop, socks, config.listen, self._accepted)
             log.info("vm %s: listening on %s", self.name, config.listen)
+        elif config.spice is not None:
+            self.spice = SpiceLink(self.daemon.loop, config.spice, f"vm {self.name}",
+                                   self._spice_session)
+            log.info("vm %s: connecting to the SPICE server %s", self.name, config.spice)
+            self.spice.start()
         else:
             assert config.connect is not None
             self.connector = Connector(self.daemon.loop, config.connect, self.daemon.resolver,
@@ -128,6 +136,8 @@ class Vm:
             self.listener.close()
         if self.connector is not None:
             self.connector.close()
+        if self.spice is not None:
+            self.spice.stop_reconnecting()
         for channel in [*self.pending, *self.standby]:
             channel.close()
         self.pending.clear()
@@ -148,6 +158,8 @@ class Vm:
         """Close everything (after :meth:`begin_shutdown` and the grace period)."""
         if self.channel is not None:
             self.channel.close()
+        if self.spice is not None:
+            self.spice.close()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -194,6 +206,17 @@ class Vm:
         self._timers[key] = self.daemon.loop.call_later(
             HANDSHAKE_TIMEOUT, lambda: self._handshake_timeout(channel))
         channel.attach(transport)
+
+    def _spice_session(self, stream: SpiceStream) -> VscChannel:
+        """A SPICE session reached the smartcard channel: a little-endian VSCard channel on
+        it (the server sends no Init; the handshake is done at once)."""
+        channel = VscChannel(self, self.daemon.host, self.daemon.stats,
+                             label=f"vm {self.name}", tracing=self.daemon.tracing,
+                             byteorder="little", peer_init=False, throttle=self.throttle,
+                             shape_responses=self.config.usb_ccid_workaround)
+        self.pending.append(channel)
+        channel.attach(stream)  # type: ignore[arg-type]
+        return channel
 
     def _handshake_timeout(self, channel: VscChannel) -> None:
         self._timers.pop(id(channel), None)
@@ -311,6 +334,8 @@ class Vm:
         waiting = None
         if self.connector is not None and channel is None:
             waiting = self.connector.last_error
+        if self.spice is not None and channel is None:
+            waiting = self.spice.fatal or self.spice.last_error
         return {
             "session": self.id,
             "vm": self.name,
@@ -346,8 +371,9 @@ def bind_listen_socket(config: VmConfig) -> list[socket.socket]:
     if isinstance(address, UnixAddress):
         return [_bind_unix(address.path, config.socket)]
     assert isinstance(address, TcpAddress)
+    passed = systemd.take_passed((address.host, address.port))
     try:
-        socks = _bind_tcp(address)
+        socks = [passed] if passed is not None else _bind_tcp(address)
     except OSError as exc:
         hint = " (another process listens there: ccidemu serve already running?)" if (
             exc.errno == errno.EADDRINUSE) else ""
@@ -375,6 +401,10 @@ def bind_unix(path: Path, options: SocketOptions | None = None) -> socket.socket
 
 
 def _bind_unix(path: Path, options: SocketOptions) -> socket.socket:
+    passed = systemd.take_passed(str(path))  # socket activation: systemd made it
+    if passed is not None:
+        passed.setblocking(False)
+        return passed
     try:
         return _bind_unix_checked(path, options)
     except OSError as exc:  # lstat, unlink or chown refused
@@ -395,7 +425,7 @@ def _bind_unix_checked(path: Path, options: SocketOptions) -> socket.socket:
             path.unlink(missing_ok=True)  # stale: nobody listens
         else:
             raise ConfigError(f"{path} is in use by another process (ccidemu serve already "
-                              "running?)")
+                              "running? give each daemon its own --control and addresses)")
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
