@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# Set up everything ccidemu needs on a fresh Debian 12 machine: system packages
-# (when missing; needs root or sudo), a virtual environment in .venv, and the
-# package with its extras.  Idempotent and quiet when nothing is missing.
+# Set up ccidemu on a fresh Debian 12 machine: system packages (when missing; needs root or
+# sudo), a virtual environment in .venv, and the package.  Idempotent and quiet when nothing
+# is missing.
+#   bootstrap.sh            everything the test suite needs: QEMU, pcscd, the real clients,
+#                           compilers for pyscard, the package with its extras and dev tools
+#   bootstrap.sh --runtime  only what 'ccidemu serve' needs (tools/run-main): Python and the
+#                           package without extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
+RUNTIME=0
+if [ "${1:-}" = "--runtime" ]; then
+  RUNTIME=1
+fi
 
 # Runtime and test peers: QEMU + busybox build the tiny guest; pcscd, libccid, OpenSC,
 # pcsc-tools, vpcd and yubico-piv-tool are the real clients the tests talk to;
 # libpcsclite-dev, gcc, python3-dev and swig build pyscard; libcacard-dev, pkg-config and
 # libnss3-tools (certutil, pk12util) let the CAC tests drive the real libcacard side by side.
+if ((RUNTIME)); then
+  PACKAGES=(python3 python3-venv libssl3)
+else
 PACKAGES=(
   python3 python3-venv python3-dev gcc swig libpcsclite-dev openssl
   qemu-system-x86 busybox-static pcscd libccid opensc pcsc-tools vsmartcard-vpcd yubico-piv-tool
   libcacard-dev pkg-config libnss3-tools
 )
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -45,9 +57,23 @@ fi
 
 PY=/usr/bin/python3
 stamp=.venv/.ccidemu-installed
+runtime_stamp=.venv/.ccidemu-runtime
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2
   "$PY" -m venv .venv
+fi
+if ((RUNTIME)); then
+  # the full set-up covers the runtime one
+  if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ]; then
+    exit 0
+  fi
+  if [ ! -f "$runtime_stamp" ] || [ pyproject.toml -nt "$runtime_stamp" ]; then
+    echo "bootstrap: installing ccidemu into .venv" >&2
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e .
+    touch "$runtime_stamp"
+  fi
+  exit 0
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing ccidemu and its dependencies into .venv" >&2
