@@ -79,6 +79,12 @@ def ensure_private_dir(path: Path, what: str) -> Path:
         with contextlib.suppress(OSError):  # the umask may have taken bits away; never adds
             os.chmod(path, 0o700)
     check_private_dir(path, what)
+    if not os.access(path, os.W_OK | os.X_OK):
+        # ours, yet not writable (mode 0500, a read-only mount): say so now, not at the
+        # first save, when a card's changes would be lost
+        mode = stat.S_IMODE(path.stat().st_mode)
+        raise ConfigError(f"{what} {path} is not writable (mode {mode:04o}"
+                          f"{', or a read-only file system' if mode & 0o300 == 0o300 else ''})")
     return path
 
 

@@ -255,9 +255,13 @@ class Daemon:
             if config.state_dir is not None and not config.read_only:
                 ensure_private_dir(Path(config.state_dir), f"state directory of vm {config.name}")
                 lock = DirectoryLock(Path(config.state_dir), f"vm {config.name}")
-            elif config.state_dir is not None and not Path(config.state_dir).is_dir():
-                raise ConfigError(f"vm {config.name}: --read-only state directory "
-                                  f"{config.state_dir} does not exist")
+            elif config.state_dir is not None:
+                if not Path(config.state_dir).is_dir():
+                    raise ConfigError(f"vm {config.name}: --read-only state directory "
+                                      f"{config.state_dir} does not exist")
+                log.info("vm %s: read-only: card state is read from %s; PIN tries, keys "
+                         "and objects the guest changes are not saved", config.name,
+                         config.state_dir)
             if config.state_dir is not None and not config.read_only:
                 specs = [s for s in config.cards if not s.startswith("test:")]
                 twice = sorted({s for s in specs if specs.count(s) > 1})

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,9 +59,12 @@ from ccidemu.cards.piv_files import (
     CERT_SUFFIXES,
     P12_SUFFIXES,
     check_pair,
+    key_files,
     load_certificate,
     load_pkcs12,
     load_private_key,
+    read_profile,
+    text_setting,
 )
 from ccidemu.errors import ConfigError
 from ccidemu.files import ensure_private_dir, remove_temporaries, write_atomically
@@ -198,12 +200,7 @@ def load_directory(directory: Path) -> CacConfig:
 
 def load_profile(path: Path) -> CacConfig:
     """A card from a TOML profile (see the module docstring)."""
-    try:
-        profile = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read card profile {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"card profile {path} is not valid TOML: {exc}") from None
+    profile = read_profile(path)
     unknown = set(profile) - _PROFILE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
@@ -231,23 +228,12 @@ def load_profile(path: Path) -> CacConfig:
     credentials = []
     for number in numbers:
         entry = by_number[number]
-        passphrase: bytes | None = None
-        if "passphrase" in entry:
-            passphrase = str(entry["passphrase"]).encode()
-        elif "passphrase_file" in entry:
-            passphrase = _passphrase(base / str(entry["passphrase_file"]), number)
-        files: Path | tuple[Path, Path]
-        if "p12" in entry:
-            if "cert" in entry or "key" in entry:
-                raise ConfigError(f"{path}: [pki.{number}] has p12 and cert/key")
-            files = base / str(entry["p12"])
-        elif "cert" in entry and "key" in entry:
-            files = (base / str(entry["cert"]), base / str(entry["key"]))
-        else:
-            raise ConfigError(f"{path}: [pki.{number}] needs cert and key, or p12")
-        credentials.append(load_credential(number, files, passphrase))
+        found = key_files(entry, base, f"{path}: [pki.{number}]")
+        passphrase = (_passphrase(found.passphrase_file, number)
+                      if found.passphrase_file is not None else found.passphrase)
+        credentials.append(load_credential(number, found.files, passphrase))
     state = CacState(pin=pin.encode(), pin_retries=retries, pin_left=retries)
-    label = str(profile.get("label", path.stem))
+    label = text_setting(profile, "label", str(path), path.stem)
     return CacConfig(str(path.resolve()), label, credentials, state)
 
 
@@ -308,7 +294,7 @@ class StateStore:
                 raise ValueError("more tries left than the maximum")
         except OSError as exc:
             raise ConfigError(f"cannot read CAC card state {self.path}: {exc}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ConfigError(f"CAC card state {self.path} is corrupt ({exc}); delete it to "
                               "start from the card files") from None
         if retries != state.pin_retries:

@@ -296,6 +296,9 @@ def load_directory(directory: Path) -> CardConfig:
             continue
         state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
     source = str(directory.resolve())
+    if not certs:
+        log.warning("piv:%s has no slot files (9a.crt and 9a.key, 9c.p12, ...): the card "
+                    "starts with no keys or certificates", directory)
     state.objects = default_objects(certs, _default_guid(source))
     return CardConfig(source, directory.resolve().name, state, certs,
                       Identity(serial=default_serial(source)))
@@ -328,7 +331,8 @@ def _identity(profile: dict[str, Any], path: Path, source: str) -> Identity:
     kind = _choice(profile.get("identity", "ccidemu"), {k.value: k for k in Kind},
                    "identity", str(path))
     try:
-        version = parse_version(str(profile.get("firmware", Identity().version_text)))
+        version = parse_version(text_setting(profile, "firmware", str(path),
+                                             Identity().version_text))
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     serial = profile.get("serial")
@@ -358,21 +362,68 @@ def _slot_policy(entry: dict[str, Any], slot: int, where: str) -> KeyPolicy | No
 
 
 def _hex(value: Any, what: str, path: Path) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {what} must be a string of hex digits")
     try:
-        return bytes.fromhex(str(value))
+        return bytes.fromhex(value)
     except ValueError:
         raise ConfigError(f"{path}: {what} is not hex: {value!r}") from None
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    """A card profile's TOML table; ConfigError naming the file for anything unreadable."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read card profile {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"card profile {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"card profile {path} is nested too deeply") from None
+
+
+def text_setting(table: dict[str, Any], key: str, where: str, default: str = "") -> str:
+    """``table[key]`` when it is a string (``default`` when absent); ConfigError otherwise."""
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string, not {type(value).__name__}")
+    return value
+
+
+@dataclass
+class KeyFiles:
+    """Where a profile entry's key and certificate are: a PKCS#12 bundle or a cert/key pair,
+    with the passphrase given inline, in a file, or not at all."""
+
+    files: Path | tuple[Path, Path]
+    passphrase: bytes | None = None
+    passphrase_file: Path | None = None
+
+
+def key_files(entry: dict[str, Any], base: Path, where: str) -> KeyFiles:
+    """The ``cert``/``key``/``p12``/``passphrase``/``passphrase_file`` keys of a profile's
+    slot or PKI entry (``where`` names it in errors); file names are relative to ``base``."""
+    found = KeyFiles(base)
+    if "passphrase" in entry:
+        found.passphrase = text_setting(entry, "passphrase", where).encode()
+    elif "passphrase_file" in entry:
+        found.passphrase_file = base / text_setting(entry, "passphrase_file", where)
+    if "p12" in entry:
+        if "cert" in entry or "key" in entry:
+            raise ConfigError(f"{where} has p12 and cert/key")
+        found.files = base / text_setting(entry, "p12", where)
+    elif "cert" in entry and "key" in entry:
+        found.files = (base / text_setting(entry, "cert", where),
+                       base / text_setting(entry, "key", where))
+    else:
+        raise ConfigError(f"{where} needs cert and key, or p12")
+    return found
 
 
 def load_profile(path: Path) -> CardConfig:
     """A card from a TOML profile (see the module docstring)."""
     _note(path)
-    try:
-        profile = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read card profile {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"card profile {path} is not valid TOML: {exc}") from None
+    profile = read_profile(path)
     unknown = set(profile) - _PROFILE_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
@@ -384,7 +435,7 @@ def load_profile(path: Path) -> CardConfig:
         puk_retries=_retries(profile.get("puk_retries", DEFAULT_RETRIES), "puk_retries", path),
     )
     state.pin_left, state.puk_left = state.pin_retries, state.puk_retries
-    algorithm_name = str(profile.get("management_key_algorithm", "3des")).lower()
+    algorithm_name = text_setting(profile, "management_key_algorithm", str(path), "3des").lower()
     if algorithm_name not in MANAGEMENT_ALGORITHMS:
         raise ConfigError(f"{path}: management_key_algorithm {algorithm_name!r} is not one of "
                           f"{', '.join(MANAGEMENT_ALGORITHMS)}")
@@ -400,7 +451,6 @@ def load_profile(path: Path) -> CardConfig:
     if not isinstance(slots, dict):
         raise ConfigError(f"{path}: [slots] must be a table")
     certs: dict[int, bytes] = {}
-    slot_files: Path | tuple[Path, Path]
     for name, entry in slots.items():
         slot = _slot_number(str(name).lower())
         if slot is None:
@@ -409,20 +459,10 @@ def load_profile(path: Path) -> CardConfig:
         name = f"{slot:02x}"
         if not isinstance(entry, dict) or set(entry) - _SLOT_KEYS:
             raise ConfigError(f"{path}: [slots.{name}] takes only {', '.join(sorted(_SLOT_KEYS))}")
-        passphrase: bytes | None = None
-        if "passphrase" in entry:
-            passphrase = str(entry["passphrase"]).encode()
-        elif "passphrase_file" in entry:
-            passphrase = _passphrase_file(base / str(entry["passphrase_file"]), name)
-        if "p12" in entry:
-            if "cert" in entry or "key" in entry:
-                raise ConfigError(f"{path}: [slots.{name}] has p12 and cert/key")
-            slot_files = base / str(entry["p12"])
-        elif "cert" in entry and "key" in entry:
-            slot_files = (base / str(entry["cert"]), base / str(entry["key"]))
-        else:
-            raise ConfigError(f"{path}: [slots.{name}] needs cert and key, or p12")
-        state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
+        found = key_files(entry, base, f"{path}: [slots.{name}]")
+        passphrase = (_passphrase_file(found.passphrase_file, name)
+                      if found.passphrase_file is not None else found.passphrase)
+        state.keys[slot], certs[slot] = _load_slot(name, found.files, passphrase)
         policy = _slot_policy(entry, slot, f"{path}: [slots.{name}]")
         if policy is not None:
             state.policies[slot] = policy
@@ -444,9 +484,11 @@ def load_profile(path: Path) -> CardConfig:
         tag = int.from_bytes(_hex(tag_text, f"object tag {tag_text}", path), "big")
         if not is_valid_object_tag(tag) or tag in (0x7E, 0x7F61):
             raise ConfigError(f"{path}: [objects] {tag_text} is not a PIV data object tag")
-        value = _read(base / str(file_name), f"object {tag_text}")
+        if not isinstance(file_name, str):
+            raise ConfigError(f"{path}: [objects] {tag_text} must name a file (a string)")
+        value = _read(base / file_name, f"object {tag_text}")
         state.objects[tag] = ber_encode(0x53, value)
-    label = str(profile.get("label", path.stem))
+    label = text_setting(profile, "label", str(path), path.stem)
     return CardConfig(source, label, state, certs, identity)
 
 
@@ -667,7 +709,7 @@ class StateStore:
             state = state_from_json(data, self._initial)
         except OSError as exc:
             raise ConfigError(f"cannot read PIV card state {self.path}: {exc}") from None
-        except (ValueError, KeyError, TypeError, AttributeError,
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
                 UnsupportedAlgorithmError, ConfigError) as exc:
             raise ConfigError(f"PIV card state {self.path} is corrupt ({exc}); "
                               "delete it to start from the card files") from None

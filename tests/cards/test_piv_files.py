@@ -557,3 +557,19 @@ def test_format_1_state_still_loads(tmp_path: Path) -> None:
     path.write_text(json.dumps(dict(GOOD_STATE, format=1, pin_left=1)))
     state = StateStore(path, PivState(), "x").load()
     assert state.pin_left == 1 and state.policies == {} and not state.management_touch
+
+
+def test_a_directory_without_slot_files_is_a_keyless_card_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "notes.txt").write_text("nothing for a card here\n")
+    with caplog.at_level("WARNING"):
+        config = load_directory(tmp_path)
+    assert config.state.keys == {} and config.certs == {}
+    assert any("has no slot files" in r.getMessage() and str(tmp_path) in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        (tmp_path / "full").mkdir()
+        load_directory(_card_dir(tmp_path / "full"))
+    assert not any("no slot files" in r.getMessage() for r in caplog.records)

@@ -192,6 +192,44 @@ def test_two_vms_with_one_card_spec_keep_their_own_state_across_restarts(
     assert sorted(p.name for p in state.iterdir()) == ["alice", "bob"]
 
 
+def test_read_only_serves_the_saved_state_and_writes_nothing(
+    tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ccidemu.cards import CardOptions
+
+    state = tmp / "state"
+    config = two_vm_file(tmp, state)
+    d = serve(config_file=config, cards=[])
+    try:
+        with FakeQemu.connect(UnixAddress(tmp / "alice.sock")) as fa:
+            fa.wait_card()
+            assert fa.transmit(SELECT)[-2:] == H("9000")
+            assert fa.transmit(change_pin(b"123456", b"111111")) == H("9000")
+    finally:
+        d.stop()
+    saved = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    addr = UnixAddress(tmp / "ro.sock")
+    with caplog.at_level("INFO"):
+        d = serve(listen=[addr], cards=["piv:"],
+                  card_options=CardOptions(state_dir=state / "alice", read_only=True))
+    try:
+        assert any("read-only" in r.getMessage() and "not saved" in r.getMessage()
+                   for r in caplog.records)
+        with FakeQemu.connect(addr) as fake:
+            fake.wait_card()
+            assert fake.transmit(SELECT)[-2:] == H("9000")
+            assert fake.transmit(pin(b"123456")) == H("63c2")  # alice's PIN is read ...
+            assert fake.transmit(pin(b"111111")) == H("9000")
+            assert fake.transmit(change_pin(b"111111", b"222222")) == H("9000")
+    finally:
+        d.stop()
+    # ... and nothing the guest did was written, not even a lock file
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == saved
+    with pytest.raises(ConfigError, match=r"--read-only state directory .* does not exist"):
+        serve(listen=[addr], cards=["piv:"],
+              card_options=CardOptions(state_dir=tmp / "nowhere", read_only=True))
+
+
 @pytest.mark.parametrize("persist", [False, True], ids=["in-memory", "state-dir"])
 def test_wrong_pins_across_reconnects_block_the_card(
     tmp: Path, daemons: list[RunningDaemon], persist: bool

@@ -258,6 +258,30 @@ def test_a_directory_others_can_write_is_refused(tmp: Path) -> None:
         ensure_private_dir(shared, "state directory")
 
 
+def test_a_state_directory_we_cannot_write_is_refused_at_start(tmp: Path) -> None:
+    """Ours but mode 0500: the daemon says so when it starts, not when a save fails (root
+    ignores modes, so the check runs as nobody when we are root)."""
+    own = tmp / "nobody"
+    own.mkdir()
+    (own / "state").mkdir(mode=0o500)
+    (own / "state").chmod(0o500)
+    command = [sys.executable, "-m", "vmc", "serve", "--card", "piv:", "--state-dir",
+               f"{own}/state", "--listen", f"unix:{own}/vm.sock", "--control",
+               f"unix:{own}/ctl/control.sock"]
+    if os.geteuid() == 0:
+        for path in (own, own / "state"):
+            os.chown(path, NOBODY, NOBODY)
+        tmp.chmod(0o755)
+        command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                   *command]
+    env = {**os.environ, "HOME": str(own)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"{own}/state is not writable (mode 0500)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
 def test_default_control_directory_squatted_in_tmp(tmp: Path) -> None:
     """A user without XDG_RUNTIME_DIR: /tmp/ccidemu-UID made first by someone else."""
