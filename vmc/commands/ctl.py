@@ -41,9 +41,12 @@ def register(subparsers: Any) -> None:
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
         q: argparse.ArgumentParser = real_add(name, **kw)
-        # --json after the action too (ctl list --json), not overriding one given before it
+        # --json and --control after the action too (ctl list --json), not overriding what
+        # was given before it
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the daemon's JSON answer (errors too)")
+        q.add_argument("--control", metavar="ADDR", default=argparse.SUPPRESS,
+                       help="the daemon's control socket")
         return q
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
