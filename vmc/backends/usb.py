@@ -80,6 +80,8 @@ log = logging.getLogger(__name__)
 POLL = 0.5
 #: Seconds between looks for a reader that left (or was never there).
 REPLUG_POLL = 1.0
+#: Failed looks at a reader that is there before it counts as unusable (unplugged).
+LOOK_RETRIES = 3
 #: Seconds between GetSlotStatus polls on a reader without an interrupt endpoint.
 STATUS_POLL = 0.5
 #: Seconds the reader has to confirm an Abort before it is reset.
@@ -458,7 +460,7 @@ class UsbCard:
         self._state = threading.Lock()  # _transport, _driver, _gone
         self._transport: UsbTransport | None = None
         self._driver: CcidHostDriver | None = None
-        self._gone = False
+        self._epoch = 0  # counts the openings: a new one means the card was reset
         self._cancelled = 0.0  # monotonic time of the last cancel()
         self._notify: Callable[[ReaderEvent], None] | None = None
         self._watcher: threading.Thread | None = None
@@ -490,7 +492,7 @@ class UsbCard:
             raise
         with self._state:
             self._transport, self._driver = transport, driver
-            self._gone = False
+            self._epoch += 1
             self.reader_name = transport.name
         log.info("USB reader %s: %s level, dwFeatures %08X, max message %d", transport.name,
                  driver.level, int(transport.descriptor.features), driver.max_message)
@@ -508,7 +510,7 @@ class UsbCard:
     # ---------------------------------------------------------------- Card
 
     def power_on(self) -> bytes:
-        event = self._run(lambda d, now: d.power_on(now), "power on")
+        event = self._run(lambda d, now: d.power_on(now), "power on", reopen=True)
         if isinstance(event, PoweredOn):
             driver = self._driver
             log.info("USB reader %s: card powered, ATR %s, T=%d (%s)", self.reader_name,
@@ -546,9 +548,16 @@ class UsbCard:
 
     # ---------------------------------------------------------------- one operation
 
-    def _run(self, start: Callable[[CcidHostDriver, float], None], what: str) -> DriverEvent:
+    def _run(self, start: Callable[[CcidHostDriver, float], None], what: str, *,
+             reopen: bool = False) -> DriverEvent:
+        """One operation.  Only power-on opens a reader that was closed (unplugged, or reset
+        after a fault): the card was reset with it, and the watch thread reports it removed
+        and inserted again, so that the guest sees it too."""
         asked = time.monotonic()
         with self._io:
+            if not reopen and not self._opened():
+                raise CardError(f"USB reader {self.reader_name}: the reader was reset or "
+                                "unplugged; the card comes back when it is there again")
             try:
                 transport, driver = self._ensure_open()
             except ConfigError as exc:
@@ -669,12 +678,16 @@ class UsbCard:
             notify(event)
 
     def _watch(self) -> None:
-        """The watch thread: the presence now, then its changes (module docstring)."""
+        """The watch thread: the presence now, then its changes (module docstring).  When the
+        reader was closed and opened again (unplugged, or reset after a fault) while a card was
+        in it, the card was reset: it is reported removed, then inserted."""
         present: bool | None = None  # as last reported
         plugged: bool | None = None
         problem: str | None = None  # the last reason the reader could not be opened
+        epoch = -1  # the opening the last report was about
+        failures = 0  # looks in a row that failed on a reader that is there
         while not self._stop.is_set():
-            if present is None or not self._opened():
+            if present is None or not self._opened() or self._epoch != epoch:
                 try:
                     state = self._look()
                 except (CardError, ConfigError) as exc:
@@ -682,6 +695,11 @@ class UsbCard:
                     if str(exc) != problem and not isinstance(exc, UsbGone):
                         problem = str(exc)
                         log.warning("USB reader %s: %s", self.selector, exc)
+                    failures += 1
+                    if isinstance(exc, CardError) and failures < LOOK_RETRIES:
+                        self._stop.wait(REPLUG_POLL)  # a hiccup: look again first
+                        continue
+                failures = 0
                 if state is None:  # not there, or not usable
                     if plugged is not False:
                         plugged, present = False, None
@@ -689,7 +707,11 @@ class UsbCard:
                                                   "plugged in or not usable"))
                     self._stop.wait(REPLUG_POLL)
                     continue
-                plugged, present, problem = True, state, None
+                if present and epoch != self._epoch:
+                    log.info("USB reader %s: opened again; the card was reset",
+                             self.reader_name)
+                    self._say(CardRemoved())
+                plugged, present, problem, epoch = True, state, None, self._epoch
                 self._say(CardInserted() if state else CardRemoved())
                 continue
             try:
