@@ -81,10 +81,11 @@ class ReaderEvents(Protocol):
 
     def watch(self, notify: Callable[[ReaderEvent], None]) -> None:
         """Start reporting: ``notify`` may be called from any thread, at any time, until
-        :meth:`unwatch`.  A card may report its current state at once (a passthrough card
-        whose reader is empty says CardRemoved); a report of the state the caller already
-        has is ignored.  The caller powers the card on; :meth:`watch` may be called again
-        after :meth:`unwatch` (the card passes to another VM)."""
+        :meth:`unwatch`.  The first report is the current state (CardInserted when a card is
+        in the reader, else CardRemoved or ReaderUnplugged): until it comes the reader counts
+        as empty.  A report of the state the caller already has is ignored.  The caller
+        powers the card on; :meth:`watch` may be called again after :meth:`unwatch` (the
+        card passes to another VM)."""
         ...
 
     def unwatch(self) -> None:

@@ -12,7 +12,10 @@ Record format, one JSON object per line (UTF-8, ``\\n``-terminated)::
      "response": "9000",                     # response APDU (data + SW1 SW2), hex; "" if none
      "duration": 0.000123,                   # seconds from command received to response sent
      "redacted": true,                       # optional: command data removed (see below)
-     "error": "card error: ..."}             # optional: the card could not answer
+     "error": "card error: ...",             # optional: the card could not answer
+     "compare": "6a82",                      # optional (--compare): the reference card's
+                                             # answer, when it differs from the card's
+     "compare_error": "CardError: ..."}      # optional (--compare): the reference failed
 
 Redaction follows :mod:`ccidemu.redact`: unless secrets are asked for, a command whose data
 is a secret (PINs, PUKs, management keys, imported keys, symmetric authentication) is cut to
@@ -65,6 +68,10 @@ class TraceRecord:
     duration: float
     redacted: bool = False
     error: str | None = None
+    #: ``--compare``: the reference card's answer when it differed from the card's
+    compare: bytes | None = None
+    #: ``--compare``: the reference card could not answer
+    compare_error: str | None = None
 
 
 def _iso_time(epoch: float) -> str:
@@ -72,15 +79,23 @@ def _iso_time(epoch: float) -> str:
 
 
 def format_record(
-    record: TraceRecord, *, secrets: bool = False, redactor: Redactor | None = None
+    record: TraceRecord, *, secrets: bool = False, redactor: Redactor | None = None,
+    compare_redactor: Redactor | None = None,
 ) -> str:
     """The JSON line (without the newline) for ``record``; redacts unless ``secrets``.
 
     Give the reader's ``redactor`` when records are written in order, so that a GET RESPONSE
-    continuing a secret answer is redacted too.
+    continuing a secret answer is redacted too (and ``compare_redactor`` for the stream of
+    the ``--compare`` card's answers).
     """
     shown = (redactor or Redactor(secrets)).exchange(record.command, record.response)
     redacted = shown.redacted
+    compared = None
+    if record.compare is not None:
+        other = (compare_redactor or Redactor(secrets)).exchange(record.command,
+                                                                   record.compare)
+        compared = other.response
+        redacted = redacted or other.redacted
     obj: dict[str, Any] = {
         "time": _iso_time(record.time),
         "session": record.session,
@@ -93,6 +108,10 @@ def format_record(
         obj["redacted"] = True
     if record.error is not None:
         obj["error"] = record.error
+    if compared is not None:
+        obj["compare"] = compared.hex()
+    if record.compare_error is not None:
+        obj["compare_error"] = record.compare_error
     return json.dumps(obj, separators=(",", ":"))
 
 
@@ -161,6 +180,10 @@ def parse_record(line: str, where: str = "trace") -> TraceRecord:
     error = obj.get("error")
     if error is not None and not isinstance(error, str):
         raise _bad(where, "'error' must be a string")
+    compare = _parse_hex(obj, "compare", where) if "compare" in obj else None
+    compare_error = obj.get("compare_error")
+    if compare_error is not None and not isinstance(compare_error, str):
+        raise _bad(where, "'compare_error' must be a string")
     return TraceRecord(
         time=time,
         session=_parse_int(obj, "session", where),
@@ -170,6 +193,8 @@ def parse_record(line: str, where: str = "trace") -> TraceRecord:
         duration=float(duration),
         redacted=redacted,
         error=error,
+        compare=compare,
+        compare_error=compare_error,
     )
 
 

@@ -51,7 +51,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GLOBAL_KEYS = {"state_dir", "trace", "trace_secrets", "read_only", "allow_remote",
                 "card_timeout", "vm"}
 _VM_KEYS = {"listen", "connect", "cards", "state_dir", "read_only", "allow_remote",
-            "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround"}
+            "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround",
+            "pcsc_exclusive", "pcsc_allow", "compare"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class VmConfig:
     socket: SocketOptions = field(default_factory=SocketOptions)
     #: split answers QEMU 7.2's usb-ccid loses or refuses (vmc.runtime.shaping)
     usb_ccid_workaround: bool = True
+    #: pcsc: cards hold their reader exclusively
+    pcsc_exclusive: bool = False
+    #: pcsc: the readers this VM may get (regular expressions searched in the names)
+    pcsc_allow: tuple[str, ...] = ()
+    #: a reference card every APDU of reader 0 also goes to (vmc.backends.compare)
+    compare: str | None = None
     origin: str = "command line"  # "FILE" for VMs from the config file, "ctl attach"
 
     @property
@@ -94,7 +101,8 @@ class VmConfig:
         return "listen" if self.listen is not None else "connect"
 
     def card_options(self) -> CardOptions:
-        return CardOptions(state_dir=self.state_dir, read_only=self.read_only)
+        return CardOptions(state_dir=self.state_dir, read_only=self.read_only,
+                           exclusive=self.pcsc_exclusive, allow_readers=self.pcsc_allow)
 
 
 @dataclass
@@ -117,6 +125,9 @@ class ServeConfig:
     config_file: Path | None = None
     card_timeout: float = 30.0
     usb_ccid_workaround: bool = True
+    pcsc_exclusive: bool = False
+    pcsc_allow: tuple[str, ...] = ()
+    compare: str | None = None
     #: the config file's VMs as last loaded (set by load_config_file / the daemon)
     file_vms: list[VmConfig] = field(default_factory=list)
 
@@ -144,11 +155,28 @@ class ServeConfig:
                 allow_remote=self.allow_remote,
                 socket=self.socket,
                 usb_ccid_workaround=self.usb_ccid_workaround,
+                pcsc_exclusive=self.pcsc_exclusive,
+                pcsc_allow=self.pcsc_allow,
+                compare=self.compare,
             ))
         return vms
 
     def all_vms(self) -> list[VmConfig]:
         return self.command_line_vms() + list(self.file_vms)
+
+
+def check_patterns(patterns: object, what: str = "pcsc_allow") -> tuple[str, ...]:
+    """A list of regular expressions (reader names); ConfigError naming the bad one."""
+    if not isinstance(patterns, list | tuple) or not all(
+            isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"{what} must be a list of regular expressions, e.g. [\"^Yubico\"]")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{what}: {pattern!r} is not a regular expression ({exc})"
+                              ) from None
+    return tuple(patterns)
 
 
 def _safe_name(text: str) -> str:
@@ -350,8 +378,32 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
         usb_ccid_workaround=(_bool(source, where, "usb_ccid_workaround",
                                    table["usb_ccid_workaround"])
                              if "usb_ccid_workaround" in table else True),
+        pcsc_exclusive=(_bool(source, where, "pcsc_exclusive", table["pcsc_exclusive"])
+                        if "pcsc_exclusive" in table else False),
+        pcsc_allow=_patterns(source, where, table),
+        compare=_compare(source, where, table),
         origin=str(source.path),
     )
+
+
+def _patterns(source: _Source, where: tuple[str, ...], table: dict[str, Any]
+              ) -> tuple[str, ...]:
+    if "pcsc_allow" not in table:
+        return ()
+    try:
+        return check_patterns(table["pcsc_allow"], "pcsc_allow")
+    except ConfigError as exc:
+        raise source.error(where, "pcsc_allow", str(exc).removeprefix("pcsc_allow")
+                           .lstrip(": ")) from None
+
+
+def _compare(source: _Source, where: tuple[str, ...], table: dict[str, Any]) -> str | None:
+    if "compare" not in table:
+        return None
+    value = table["compare"]
+    if not isinstance(value, str) or ":" not in value:
+        raise source.error(where, "compare", 'must be a card spec, e.g. "piv:DIR"')
+    return value
 
 
 def _path(source: _Source, table: tuple[str, ...], key: str, value: Any, base: Path) -> Path:

@@ -16,6 +16,10 @@ control server.  Other threads only post work to it:
 
 Start-up opens every VM's cards and binds every listen socket before anything is served, so
 a bad ``--card``, an unusable state directory or a busy address is one clear error at once.
+A card spec that names a set of readers (``pcsc:*``) opens no card: the set's
+:class:`~vmc.runtime.pool.ReaderPool` (one per spec, shared by every VM naming it) gives each
+host reader to one VM as it appears.  ``--compare SPEC`` wraps a VM's first card so that each
+APDU also goes to that reference card (:mod:`vmc.backends.compare`).
 Each VM's card state lives in its own state directory (``state_dir/<name>`` for a config
 file's VMs), locked for the daemon's lifetime: two VMs, or two daemons, never write one state
 file.  Stopping removes every card and reader from every guest (after the responses in
@@ -37,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ccidemu.card import Card, CardInserted, CardRemoved
-from ccidemu.cards import open_card
+from ccidemu.card import Card, CardInserted, CardRemoved, ReaderEvents, ReaderSet
+from ccidemu.cards import CardOptions, is_reader_set, open_card, open_reader_set
 from ccidemu.errors import CcidemuError, ConfigError
 from ccidemu.files import DirectoryLock, ensure_private_dir, open_private
 from ccidemu.redact import Redactor
@@ -51,6 +55,7 @@ from vmc.runtime.channel import ChannelStats, VscChannel
 from vmc.runtime.control import ControlServer, Reply
 from vmc.runtime.endpoint import Vm, bind_listen_socket, bind_unix
 from vmc.runtime.loop import Loop
+from vmc.runtime.pool import PoolMember, ReaderPool
 from vmc.session import ApduDone
 
 __all__ = ["DEFAULT_CARD", "DEFAULT_CONNECT", "Daemon", "ServeConfig"]
@@ -70,6 +75,8 @@ class _Prepared:
     readers: list[Reader]
     lock: DirectoryLock | None
     socks: list[Any] = field(default_factory=list)
+    #: reader sets the VM's cards name (pcsc:*): spec, and a set object the daemon may use
+    sets: list[tuple[str, ReaderSet]] = field(default_factory=list)
 
     def discard(self) -> None:
         for sock in self.socks:
@@ -96,6 +103,8 @@ class Daemon:
         self._ids = itertools.count(1)
         self._trace_file: IO[str] | None = None
         self._redactors: dict[tuple[int, int], Redactor] = {}
+        self._compare_redactors: dict[tuple[int, int], Redactor] = {}
+        self._pools: dict[str, ReaderPool] = {}  # reader-set spec -> its pool
         self._control: ControlServer | None = None
         self._control_path: Path | None = None
         self._file_vms: list[VmConfig] = []
@@ -203,6 +212,8 @@ class Daemon:
                 time.sleep(0.01)
             with contextlib.suppress(TimeoutError):
                 self.loop.call_in_loop(self._finish_all)
+            for pool in list(self._pools.values()):  # its threads end; its cards let go
+                pool.close()
             # let the last writes (CardRemove, ReaderRemove) go out
             deadline = time.monotonic() + SHUTDOWN_GRACE
             while time.monotonic() < deadline:
@@ -263,15 +274,23 @@ class Daemon:
                     raise ConfigError(
                         f"vm {config.name}: card {twice[0]} is given twice; both readers "
                         "would write one state file (give each its own card files)")
-            readers = []
+            readers: list[Reader] = []
+            sets: list[tuple[str, ReaderSet]] = []
             options = config.card_options()
-            for index, spec in enumerate(config.cards):
+            for spec in config.cards:
                 try:
+                    if is_reader_set(spec):
+                        sets.append((spec, open_reader_set(spec, options)))
+                        continue
                     card = open_card(spec, options)
                 except ConfigError as exc:
                     raise ConfigError(f"vm {config.name}: {exc}") from None
-                readers.append(Reader(index, spec, card))
-            prepared = _Prepared(config, readers, lock)
+                # a card that reports its presence is empty until it says otherwise
+                readers.append(Reader(len(readers), spec, card,
+                                      present=not isinstance(card, ReaderEvents)))
+            if config.compare is not None:
+                readers[:1] = [self._compared(config, readers)]
+            prepared = _Prepared(config, readers, lock, sets=sets)
             if config.listen is not None:
                 prepared.socks = bind_listen_socket(config)
             return prepared
@@ -280,12 +299,45 @@ class Daemon:
                 lock.release()
             raise
 
+    @staticmethod
+    def _compared(config: VmConfig, readers: list[Reader]) -> Reader:
+        """Reader 0 with its card wrapped for ``--compare`` (the reference card is opened in
+        memory: it never writes state)."""
+        from vmc.backends.compare import ComparingCard
+
+        spec = config.compare
+        assert spec is not None
+        if not readers:
+            raise ConfigError(f"vm {config.name}: --compare needs a card to compare (the VM's "
+                              "first --card), not only a set of readers such as pcsc:*")
+        if is_reader_set(spec) or spec in config.cards:
+            raise ConfigError(f"vm {config.name}: --compare {spec}: give another card than the "
+                              "VM's own, e.g. piv:DIR")
+        try:
+            reference = open_card(spec, CardOptions(read_only=True))
+        except ConfigError as exc:
+            raise ConfigError(f"vm {config.name}: --compare: {exc}") from None
+        first = readers[0]
+        return Reader(0, first.spec, ComparingCard(first.card, reference, spec), present=False)
+
     def _start_vm(self, prepared: _Prepared) -> Vm:  # loop thread
         vm = Vm(prepared.config, next(self._ids), prepared.readers, self,
                 state_lock=prepared.lock)
         self.vms[vm.name] = vm
         vm.start(prepared.socks)
+        for spec, readers in prepared.sets:
+            pool = self._pools.get(spec)
+            if pool is None:
+                pool = self._pools[spec] = ReaderPool(
+                    self.loop, spec, readers, _vm_options, self._off_loop)
+            pool.join(vm)
         return vm
+
+    def _off_loop(self, work: Callable[[], None]) -> None:
+        try:
+            self.resolver.submit(work)
+        except RuntimeError:  # shutting down: do it here
+            work()
 
     def _detach(self, vm: Vm, then: Callable[[], None]) -> None:  # loop thread
         vm.begin_shutdown()
@@ -300,6 +352,8 @@ class Daemon:
             vm.finish()
             if self.vms.get(vm.name) is vm:
                 del self.vms[vm.name]
+            for pool in self._pools.values():  # its host readers go to the VMs left
+                pool.leave(vm)
             log.info("vm %s: detached", vm.name)
             then()
 
@@ -324,15 +378,25 @@ class Daemon:
         f = self._trace_file
         if f is None:
             return
+        compare = compare_error = None
+        if done.reader < len(vm.readers):
+            take = getattr(vm.readers[done.reader].card, "take", None)
+            comparison = take(done.command) if callable(take) else None
+            if comparison is not None and comparison.differs:
+                compare, compare_error = comparison.reference, comparison.error
         record = TraceRecord(
             time=time.time() - done.duration, session=vm.id, reader=done.reader,
             command=done.command, response=done.response, duration=done.duration,
-            error=done.error,
+            error=done.error, compare=compare if compare_error is None else None,
+            compare_error=compare_error,
         )
-        redactor = self._redactors.setdefault(
-            (vm.id, done.reader), Redactor(self.config.trace_secrets))
+        key = (vm.id, done.reader)
+        redactor = self._redactors.setdefault(key, Redactor(self.config.trace_secrets))
+        compare_redactor = self._compare_redactors.setdefault(
+            key, Redactor(self.config.trace_secrets))
         try:
-            f.write(format_record(record, redactor=redactor) + "\n")
+            f.write(format_record(record, redactor=redactor,
+                                  compare_redactor=compare_redactor) + "\n")
             f.flush()
         except OSError as exc:
             log.error("trace file: %s; tracing stopped", exc)
@@ -452,6 +516,9 @@ class Daemon:
             return None
         if not isinstance(spec, str) or not spec:
             raise ValueError("'card' must be a card spec string")
+        if is_reader_set(spec):
+            raise ValueError(f"{spec} names every reader, not one card: give it to a VM "
+                             "(--card, cards, ctl attach), not to one reader")
         served = {s for vm in self.vms.values() for s in vm.config.cards}
         served |= set(self.config.cards)
         if peer_uid is not None and peer_uid != os.geteuid() and spec not in served:
@@ -529,6 +596,8 @@ class Daemon:
             allow_remote=self.config.allow_remote,
             socket=self.config.socket,
             usb_ccid_workaround=self.config.usb_ccid_workaround,
+            pcsc_exclusive=self.config.pcsc_exclusive,
+            pcsc_allow=self.config.pcsc_allow,
             origin="ctl attach",
         )
         _check_unique([*(vm.config for vm in self.vms.values()), config])
@@ -595,6 +664,11 @@ class Daemon:
             self._in_pool(lambda: self._prepare(config), started, failed)
 
         step()
+
+
+def _vm_options(vm: PoolMember) -> CardOptions:
+    assert isinstance(vm, Vm)
+    return vm.config.card_options()
 
 
 def _raise_descriptor_limit(vms: int) -> None:

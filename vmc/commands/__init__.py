@@ -14,4 +14,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fake-qemu": ("vmc.commands.fake_qemu", "play QEMU's side of ccid-card-passthru for tests"),
     "certs": ("vmc.commands.certs", "generate test CA, certificates and keys for emulated cards"),
     "vpcd": ("vmc.commands.vpcd", "bridge a card to vsmartcard's vpcd for the host's pcscd"),
+    "readers": ("vmc.commands.readers",
+                "list the host's card readers (PC/SC; USB CCID with --usb) for --card"),
 }
