@@ -511,12 +511,13 @@ class Daemon:
                 return vm
         raise ValueError(f"no session {sid}")
 
-    def _check_spec(self, spec: Any, peer_uid: int | None) -> str | None:
+    def _check_spec(self, spec: Any, peer_uid: int | None, *, one_card: bool = False
+                    ) -> str | None:
         if spec is None:
             return None
         if not isinstance(spec, str) or not spec:
             raise ValueError("'card' must be a card spec string")
-        if is_reader_set(spec):
+        if one_card and is_reader_set(spec):
             raise ValueError(f"{spec} names every reader, not one card: give it to a VM "
                              "(--card, cards, ctl attach), not to one reader")
         served = {s for vm in self.vms.values() for s in vm.config.cards}
@@ -544,7 +545,7 @@ class Daemon:
             return
         if reader.present:
             raise ValueError(f"reader {index} already has a card")
-        spec = self._check_spec(request.get("card"), peer_uid)
+        spec = self._check_spec(request.get("card"), peer_uid, one_card=True)
         if spec is None:
             self.host.set_presence(reader, CardInserted())
             ok(vm.describe())

@@ -70,6 +70,14 @@ def register(scheme: str, target: str) -> None:
     _FACTORIES[scheme] = target
 
 
+def register_set(scheme: str, target: str, arguments: frozenset[str] = frozenset({"*"})
+                 ) -> None:
+    """Register ``"module:function"`` as the reader-set factory of ``scheme`` for the
+    ``arguments`` that mean a set (``SCHEME:*``)."""
+    _FACTORIES.setdefault(scheme, target)
+    _SETS[scheme] = (target, arguments)
+
+
 def is_reader_set(spec: str) -> bool:
     """Whether ``spec`` names a set of readers (``pcsc:*``) rather than one card."""
     scheme, _, argument = spec.partition(":")
