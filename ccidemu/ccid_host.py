@@ -16,8 +16,11 @@ interrupt-IN bytes into events:
    of blocks; an extended APDU is chained), run by a generator: it yields a command, the
    driver numbers it (bSeq, section 6.1: the reader echoes it), and its answer is sent back
    in.  Write every frame :meth:`~CcidHostDriver.data_to_send` gives to bulk-OUT.
-2. Feed what bulk-IN delivers to :meth:`~CcidHostDriver.receive_bulk` (any chunking: a
-   :class:`~ccidemu.ccid.CcidStream` cuts the messages), interrupt-IN transfers to
+2. Feed what bulk-IN delivers to :meth:`~CcidHostDriver.receive_bulk` (any chunking; say
+   which chunk ends a USB transfer: a transfer carries one message (section 3.2), and the
+   bytes a device sends after the message's ``dwLength`` in the same transfer are dropped,
+   as QEMU 7.2's usb-ccid sends 7 more with a Parameters answer of dwLength 0; a transfer
+   that ends inside a message is an error), interrupt-IN transfers to
    :meth:`~CcidHostDriver.receive_interrupt`, and drain :meth:`~CcidHostDriver.next_event`:
    the operation's result (:class:`PoweredOn`, :class:`Answer`, :class:`Status`,
    :class:`PoweredOff`, or :class:`Failed`), :class:`TimeExtension` while the card asks for
@@ -72,7 +75,6 @@ from ccidemu.ccid import (
     CcidParameters,
     CcidSetParameters,
     CcidSlotStatus,
-    CcidStream,
     CcidXfrBlock,
     CommandStatus,
     ExchangeLevel,
@@ -293,7 +295,8 @@ class CcidHostDriver:
         self._t1: T1Protocol | None = None
         self._seq = 0
         self._stale: deque[int] = deque(maxlen=_STALE)
-        self._stream = self._new_stream()
+        self._buffer = bytearray()  # bulk-IN bytes of a message not complete yet
+        self._limit = max(self.max_message, 65546 + HEADER_LENGTH)
         self._out: deque[bytes] = deque()
         self._events: deque[DriverEvent] = deque()
         self._operation: _Operation | None = None
@@ -302,12 +305,6 @@ class CcidHostDriver:
         self._aborting: int | None = None  # bSeq of our Abort
         self.deadline: float | None = None
         self._timed_out = False
-
-    def _new_stream(self) -> CcidStream:
-        # an extended APDU's answer may come in one DataBlock: allow a little more than the
-        # reader's own maximum, never an unbounded allocation
-        return CcidStream(max(self.max_message, 65546 + HEADER_LENGTH),
-                          CcidDirection.RDR_TO_PC)
 
     # ---------------------------------------------------------------- state
 
@@ -347,7 +344,7 @@ class CcidHostDriver:
         the PC_to_RDR_Abort with the same bSeq is queued for bulk-OUT after it."""
         self._abandon()
         self._out.clear()
-        self._stream = self._new_stream()
+        self._buffer.clear()
         seq = self._next_seq()
         self._aborting = seq
         self._timed_out = False
@@ -361,7 +358,7 @@ class CcidHostDriver:
         self._abandon()
         self._aborting = None
         self._out.clear()
-        self._stream = self._new_stream()
+        self._buffer.clear()
         self.deadline = None
         self._timed_out = False
 
@@ -377,18 +374,41 @@ class CcidHostDriver:
 
     # ---------------------------------------------------------------- input
 
-    def receive_bulk(self, data: bytes, now: float) -> None:
-        """Bytes from bulk-IN.  Raises only :class:`DeviceError`."""
+    def receive_bulk(self, data: bytes, now: float, *, transfer_end: bool = False) -> None:
+        """Bytes from bulk-IN; ``transfer_end``: this chunk ends a USB transfer (a short or
+        zero-length packet).  Raises only :class:`DeviceError` (then the buffered bytes are
+        gone: :meth:`abort` to go on)."""
+        buffer = self._buffer
+        buffer += data
+        completed = False
         try:
-            self._stream.receive_data(data)
-            while (message := self._stream.next_event()) is not None:
+            while len(buffer) >= HEADER_LENGTH:
+                length = int.from_bytes(buffer[1:5], "little")
+                if length > self._limit - HEADER_LENGTH:  # before anything is buffered
+                    raise DeviceError(f"the reader announces a {length}-byte message (dwLength "
+                                      f"above {self._limit - HEADER_LENGTH})")
+                end = HEADER_LENGTH + length
+                if len(buffer) < end:
+                    break
+                try:
+                    message, _ = decode_ccid(bytes(buffer[:end]), self._limit,
+                                             direction=CcidDirection.RDR_TO_PC)
+                except DecodeError as exc:
+                    raise DeviceError(f"bad CCID frame from the reader: {exc}") from None
+                del buffer[:end]
+                completed = True
+                if transfer_end and buffer:  # one message per transfer: the rest is not one
+                    buffer.clear()
                 self._on_message(message, now)
+            if transfer_end and buffer:
+                if not completed:
+                    raise DeviceError(f"the reader's transfer ended inside a message "
+                                      f"({len(buffer)} bytes of it)")
+                buffer.clear()
         except DeviceError:
+            buffer.clear()
             self._abandon()
             raise
-        except DecodeError as exc:
-            self._abandon()
-            raise DeviceError(f"bad CCID frame from the reader: {exc}") from None
 
     def receive_interrupt(self, data: bytes) -> None:
         """One interrupt-IN transfer.  Raises only :class:`DeviceError`."""

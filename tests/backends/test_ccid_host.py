@@ -580,3 +580,29 @@ def _lrc(data: bytes) -> int:
     for byte in data:
         value ^= byte
     return value
+
+
+def test_bytes_after_the_message_in_one_transfer_are_dropped() -> None:
+    """QEMU 7.2's usb-ccid answers GetParameters (before any SetParameters) with dwLength 0
+    and 7 more bytes in the same transfer (captured by QEMU's own pcap in the test guest)."""
+    qemu = H("820000000000010000000000000000fe00")
+    descriptors, _ = _capture()
+    driver = CcidHostDriver(parse_ccid_descriptor(_class_descriptor(descriptors)))
+    driver.power_on(0.0)
+    driver.data_to_send()
+    atr = open_card("piv:").power_on()
+    driver.receive_bulk(encode_ccid(CcidDataBlock(0, 0, SlotStatus(), atr)), 0.0,
+                        transfer_end=True)
+    assert driver.data_to_send() == encode_ccid(CcidGetParameters(0, 1))
+    driver.receive_bulk(qemu, 0.0, transfer_end=True)
+    assert driver.next_event() == PoweredOn(atr, 0)
+    driver.transmit(H("00A4040009A0000003080000100000"), 0.0)
+    assert driver.data_to_send() is not None
+    driver.receive_bulk(encode_ccid(CcidDataBlock(0, 2, SlotStatus(), H("9000"))), 0.0,
+                        transfer_end=True)
+    assert driver.next_event() == Answer(H("9000"))
+    # a transfer that ends before its message does is a broken frame
+    driver.transmit(H("00A4040000"), 0.0)
+    driver.data_to_send()
+    with pytest.raises(DeviceError, match="ended inside a message"):
+        driver.receive_bulk(H("8002000000"), 0.0, transfer_end=True)

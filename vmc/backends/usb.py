@@ -12,9 +12,13 @@ and libusb (extra ``usb``).  Two layers:
   interface.  Permission problems and a reader in use come out as one :class:`ConfigError`
   that says what to do.
 * :class:`UsbCard` is the card: ``power_on`` / ``transmit`` / ``power_off`` run a driver
-  operation on the card host's thread for this reader, reading bulk-IN in slices of at most
-  :data:`POLL` seconds so that :meth:`UsbCard.cancel` (the card host's timeout) and the
-  driver's own deadline are seen soon; an overdue answer is aborted (CCID section 5.3.1).
+  operation on the card host's thread for this reader.  Bulk-IN is read one packet
+  (wMaxPacketSize) at a time: a short packet ends a transfer, and a message that ends exactly
+  on a packet boundary without a zero-length packet (QEMU 7.2's usb-ccid,
+  docs/PROTOCOL.md) is complete anyway, since the driver knows its length from its header.
+  Each read waits at most :data:`POLL` seconds so that :meth:`UsbCard.cancel` (the card
+  host's timeout) and the driver's own deadline are seen soon; an overdue answer is aborted
+  (CCID section 5.3.1).
   :meth:`UsbCard.watch` starts a thread that reads the interrupt endpoint (NotifySlotChange:
   card inserted or removed; section 6.3.1), or polls GetSlotStatus when the reader has none,
   and notices the reader leaving (then looks for it to come back, and reopens it).
@@ -606,12 +610,12 @@ class UsbCard:
                 self._resync(transport, driver)
                 raise CardError(f"USB reader {self.reader_name}: no answer to {what} (aborted)")
             deadline = driver.deadline if driver.deadline is not None else now + POLL
+            size = transport.packet_size
             try:
-                data = transport.read(_read_size(transport, driver),
-                                      max(0.01, min(POLL, deadline - now)))
+                data = transport.read(size, max(0.01, min(POLL, deadline - now)))
             except TimeoutError:
                 continue
-            driver.receive_bulk(data, time.monotonic())
+            driver.receive_bulk(data, time.monotonic(), transfer_end=len(data) < size)
             self._flush(transport, driver)
 
     @staticmethod
@@ -642,7 +646,8 @@ class UsbCard:
                     data = transport.read(transport.packet_size, POLL)
                 except TimeoutError:
                     continue
-                driver.receive_bulk(data, time.monotonic())
+                driver.receive_bulk(data, time.monotonic(),
+                                    transfer_end=len(data) < transport.packet_size)
         except UsbGone:
             self._drop()
             return
@@ -799,13 +804,6 @@ class UsbCard:
             return self._status(), False
         finally:
             self._io.release()
-
-
-def _read_size(transport: UsbTransport, driver: CcidHostDriver) -> int:
-    """Bulk-IN reads of whole packets, a few at a time: a transfer that ends exactly on a
-    packet boundary without a zero-length packet (QEMU 7.2's usb-ccid, docs/PROTOCOL.md)
-    still completes, since the driver knows the message length from its header."""
-    return transport.packet_size
 
 
 def open_usb_card(argument: str, options: CardOptions) -> UsbCard:
