@@ -99,6 +99,7 @@ class EmulatedReader:
         self.present = card is not None
         self.powered = False
         self.bulk_in = bytearray()
+        self._transfers: deque[int] = deque()  # the length of each bulk-IN transfer in bulk_in
         self.interrupts: deque[bytes] = deque()
         self.has_interrupt = interrupt
         self.time_extensions = 0
@@ -131,9 +132,34 @@ class EmulatedReader:
             self._emit(answer)
 
     def take(self, size: int) -> bytes:
+        """Up to ``size`` bytes of bulk-IN as a stream (transfers run together)."""
         data = bytes(self.bulk_in[:size])
         del self.bulk_in[:size]
+        left = len(data)
+        while left and self._transfers:
+            if self._transfers[0] <= left:
+                left -= self._transfers.popleft()
+            else:
+                self._transfers[0] -= left
+                left = 0
         return data
+
+    def take_transfer(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the current bulk-IN transfer (a USB read of ``size``: it
+        ends at the transfer's end); b"" for a zero-length one."""
+        if not self._transfers:
+            return b""
+        size = min(size, self._transfers[0])
+        data = bytes(self.bulk_in[:size])
+        del self.bulk_in[:size]
+        self._transfers[0] -= size
+        if not self._transfers[0]:
+            self._transfers.popleft()
+        return data
+
+    @property
+    def pending_transfers(self) -> int:
+        return len(self._transfers)
 
     def insert(self, card: Card) -> None:
         self.card, self.present, self.powered = card, True, False
@@ -148,6 +174,7 @@ class EmulatedReader:
         if self.corrupt is not None:
             data = self.corrupt(data)
         self.bulk_in += data
+        self._transfers.append(len(data))
 
     # ---------------------------------------------------------------- device side
 

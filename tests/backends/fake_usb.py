@@ -105,8 +105,8 @@ class FakeTransport:
             if self.bus.stall_reads:
                 self.bus.stall_reads -= 1
                 raise UsbStall("the fake device stalled bulk-IN")
-            self._wait(lambda: bool(self.reader.bulk_in), timeout)
-            return self.reader.take(size)
+            self._wait(lambda: bool(self.reader.pending_transfers), timeout)
+            return self.reader.take_transfer(size)  # USB: a read ends with its transfer
 
     def read_interrupt(self, timeout: float) -> bytes:
         if not self.has_interrupt:
@@ -125,7 +125,8 @@ class FakeTransport:
 
     def reset(self) -> None:
         self.bus.resets += 1
-        self.reader.bulk_in.clear()
+        while self.reader.pending_transfers:
+            self.reader.take_transfer(1 << 20)
         self.reader.mute = False
 
     def close(self) -> None:

@@ -128,6 +128,7 @@ def test_a_stalled_pipe_fails_the_call_and_the_next_works() -> None:
     bus.stall_reads = 1
     with pytest.raises(CardError, match="stalled"):
         card.transmit(ECHO)
+    assert len(bus.abort_requests) == 1 and bus.resets == 0  # resynchronised by an Abort
     assert card.transmit(ECHO) == H("010203 9000")
 
 

@@ -386,9 +386,11 @@ def test_every_reader_on_one_multi_reader_peer(pcscd: PcscdHarness, work: Path) 
             _wait(lambda: fake.core.readers == [], "the readers to go")
             pcscd.start_pcscd()  # and come back, as the same virtual readers
             _wait(lambda: len(fake.core.readers) == 2, "the readers to come back")
-            ids = fake.core.readers
-            assert fake.wait_card(ids[0], timeout=30) == BuiltinTestCard.ATR
-            assert fake.transmit(ECHO, ids[0], timeout=30) == H("010203 9000")
+            # back in the order their cards say so: find the test card's by its ATR
+            _wait(lambda: BuiltinTestCard.ATR in [fake.core.atr(i) for i in fake.core.readers],
+                  "the test card again")
+            test = next(i for i in fake.core.readers if fake.core.atr(i) == BuiltinTestCard.ATR)
+            assert fake.transmit(ECHO, test, timeout=30) == H("010203 9000")
             assert len(daemon.ctl_json("list")[0]["readers"]) == 2
         finally:
             _stop(second)

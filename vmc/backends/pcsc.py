@@ -366,30 +366,30 @@ class PcscCard:
 
     def watch(self, notify: Callable[[ReaderEvent], None]) -> None:
         self._notify = notify
-        if self._watcher is not None and self._watcher.is_alive():
+        if self._watcher is not None and self._watcher.is_alive() and not self._stop.is_set():
             return
-        self._stop.clear()
-        self._watcher = threading.Thread(target=self._watch, daemon=True,
+        self._stop = stop = threading.Event()  # this watch's own: an old thread sees its own
+        self._watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True,
                                          name=f"ccidemu-pcsc-{self.choice.text}"[:60])
         self._watcher.start()
 
     def unwatch(self) -> None:
+        """Stop reporting at once (the card host calls it in its loop: it does not wait for
+        the thread, which SCardCancel wakes)."""
         self._stop.set()
         context = self._watch_context
         if context is not None:
             with contextlib.suppress(Exception):
                 _scard().SCardCancel(context)
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join(timeout=WAIT_MS / 1000 * 3)
+        self._watcher = None
         self._notify = None
 
-    def _say(self, event: ReaderEvent) -> None:
+    def _say(self, event: ReaderEvent, stop: threading.Event) -> None:
         notify = self._notify
-        if notify is not None and not self._stop.is_set():
+        if notify is not None and not stop.is_set():
             notify(event)
 
-    def _watch(self) -> None:
+    def _watch(self, stop: threading.Event) -> None:
         """The watch thread (see the module docstring)."""
         scard = _scard()
         shown: str | None = None  # last reported: "present", "empty", "gone"
@@ -397,16 +397,16 @@ class PcscCard:
         events = -1  # pcsc-lite's event counter (upper 16 bits of the state)
         state = scard.SCARD_STATE_UNAWARE
         gone_reason = ""
-        while not self._stop.is_set():
-            context = self._watch_context
+        context: Any = None
+        while not stop.is_set():
             if context is None:
                 try:
                     context = self._watch_context = _establish()
                 except PcscError as exc:
                     if shown != "gone":
                         shown = "gone"
-                        self._say(ReaderUnplugged(f"pcscd is not reachable ({exc.name})"))
-                    self._stop.wait(RETRY)
+                        self._say(ReaderUnplugged(f"pcscd is not reachable ({exc.name})"), stop)
+                    stop.wait(RETRY)
                     continue
                 state = scard.SCARD_STATE_UNAWARE
             try:
@@ -415,14 +415,14 @@ class PcscCard:
                     if shown != "gone":
                         shown = "gone"
                         self._say(ReaderUnplugged(f"no PC/SC reader matches "
-                                                  f"{self.choice.text!r}"))
-                    self._wait_pnp(context)
+                                                  f"{self.choice.text!r}"), stop)
+                    self._wait_pnp(context, stop)
                     continue
                 if reader not in _list(context):
                     if shown != "gone":
                         shown, gone_reason = "gone", f"reader {reader!r} was unplugged"
-                        self._say(ReaderUnplugged(gone_reason))
-                    self._wait_pnp(context)
+                        self._say(ReaderUnplugged(gone_reason), stop)
+                    self._wait_pnp(context, stop)
                     state = scard.SCARD_STATE_UNAWARE
                     continue
                 rc, states = scard.SCardGetStatusChange(context, WAIT_MS, [(reader, state)])
@@ -437,18 +437,18 @@ class PcscCard:
                                                        "SCARD_E_UNKNOWN_READER"):
                     if name in _SERVICE_GONE:
                         _release(context)
-                        self._watch_context = None
+                        context = self._watch_context = None
                         reason = f"pcscd stopped ({name})"
                     else:
                         reason = f"reader {self.reader!r} is gone ({name})"
                     if shown != "gone":
                         shown = "gone"
-                        self._say(ReaderUnplugged(reason))
-                    self._stop.wait(RETRY)
+                        self._say(ReaderUnplugged(reason), stop)
+                    stop.wait(RETRY)
                     continue
                 log.warning("PC/SC reader %r: %s", self.reader,
                             PcscError(rc, "SCardGetStatusChange"))
-                self._stop.wait(RETRY)
+                stop.wait(RETRY)
                 continue
             _, event_state, event_atr = states[0]
             state = event_state & ~scard.SCARD_STATE_CHANGED
@@ -456,7 +456,7 @@ class PcscCard:
             if event_state & (scard.SCARD_STATE_UNKNOWN | scard.SCARD_STATE_IGNORE):
                 if shown != "gone":
                     shown = "gone"
-                    self._say(ReaderUnplugged(f"reader {self.reader!r} was unplugged"))
+                    self._say(ReaderUnplugged(f"reader {self.reader!r} was unplugged"), stop)
                 continue
             present = bool(event_state & scard.SCARD_STATE_PRESENT) and not (
                 event_state & scard.SCARD_STATE_MUTE)
@@ -464,25 +464,24 @@ class PcscCard:
             if present:
                 swapped = shown == "present" and (new_atr != atr or counter > events + 1)
                 if swapped:
-                    self._say(CardRemoved())
+                    self._say(CardRemoved(), stop)
                 if shown != "present" or swapped:
                     shown, atr = "present", new_atr
-                    self._say(CardInserted(new_atr or None))
+                    self._say(CardInserted(new_atr or None), stop)
             elif shown != "empty":
                 if shown == "gone":  # the reader is back, empty: nothing to show yet
                     log.info("PC/SC reader %r is back (empty)", self.reader)
                 shown = "empty"
-                self._say(CardRemoved())
+                self._say(CardRemoved(), stop)
             events = counter
+        _release(context)
 
-    def _wait_pnp(self, context: Any) -> None:
+    def _wait_pnp(self, context: Any, stop: threading.Event) -> None:
         """Until the reader list may have changed (or a second passed)."""
         scard = _scard()
         rc, _ = scard.SCardGetStatusChange(context, WAIT_MS, [(PNP, scard.SCARD_STATE_UNAWARE)])
-        if error_name(rc) in _SERVICE_GONE:
-            _release(context)
-            self._watch_context = None
-            self._stop.wait(RETRY)
+        if error_name(rc) in _SERVICE_GONE:  # the caller's next call fails and starts afresh
+            stop.wait(RETRY)
 
 
 # --------------------------------------------------------------------------- pcsc:*
@@ -510,9 +509,9 @@ class PcscReaderSet:
 
     def watch(self, notify: Callable[[str], None]) -> None:
         self._notify = notify
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ccidemu-pcsc-readers",
-                                        daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,),
+                                        name="ccidemu-pcsc-readers", daemon=True)
         self._thread.start()
 
     def unwatch(self) -> None:
@@ -521,19 +520,17 @@ class PcscReaderSet:
         if context is not None:
             with contextlib.suppress(Exception):
                 _scard().SCardCancel(context)
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=WAIT_MS / 1000 * 3)
+        self._thread = None
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         scard = _scard()
         pnp_state = scard.SCARD_STATE_UNAWARE
-        while not self._stop.is_set():
+        while not stop.is_set():
             if self._context is None:
                 try:
                     self._context = _establish()
                 except PcscError:
-                    self._stop.wait(RETRY)
+                    stop.wait(RETRY)
                     continue
                 pnp_state = scard.SCARD_STATE_UNAWARE
             try:
@@ -542,14 +539,14 @@ class PcscReaderSet:
                 if exc.name in _SERVICE_GONE:
                     _release(self._context)
                     self._context = None
-                self._stop.wait(RETRY)
+                stop.wait(RETRY)
                 continue
             for name in names:
                 if name not in self._seen:
                     self._seen.add(name)
                     log.info("pcsc:*: reader %r", name)
                     notify = self._notify
-                    if notify is not None:
+                    if notify is not None and not stop.is_set():
                         notify(name)
             rc, states = scard.SCardGetStatusChange(self._context, WAIT_MS, [(PNP, pnp_state)])
             if rc & 0xFFFFFFFF == 0 and states:
@@ -557,7 +554,7 @@ class PcscReaderSet:
             elif error_name(rc) in _SERVICE_GONE:
                 _release(self._context)
                 self._context = None
-                self._stop.wait(RETRY)
+                stop.wait(RETRY)
 
 
 # --------------------------------------------------------------------------- listing

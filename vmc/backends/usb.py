@@ -661,28 +661,28 @@ class UsbCard:
     # ---------------------------------------------------------------- ReaderEvents
 
     def watch(self, notify: Callable[[ReaderEvent], None]) -> None:
-        if self._watcher is not None and self._watcher.is_alive():
+        if self._watcher is not None and self._watcher.is_alive() and not self._stop.is_set():
             self._notify = notify
             return
         self._notify = notify
-        self._stop.clear()
-        self._watcher = threading.Thread(target=self._watch, name=f"ccidemu-usb-{self.selector}",
-                                         daemon=True)
+        self._stop = stop = threading.Event()  # this watch's own: an old thread sees its own
+        self._watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True,
+                                         name=f"ccidemu-usb-{self.selector}")
         self._watcher.start()
 
     def unwatch(self) -> None:
+        """Stop reporting at once (the card host calls it in its loop: it never waits for the
+        thread, which ends within :data:`POLL`, or when a call it waits for ends)."""
         self._stop.set()
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join(timeout=POLL * 4 + 1)
+        self._watcher = None
         self._notify = None
 
-    def _say(self, event: ReaderEvent) -> None:
+    def _say(self, event: ReaderEvent, stop: threading.Event) -> None:
         notify = self._notify
-        if notify is not None and not self._stop.is_set():
+        if notify is not None and not stop.is_set():
             notify(event)
 
-    def _watch(self) -> None:
+    def _watch(self, stop: threading.Event) -> None:
         """The watch thread: the presence now, then its changes (module docstring).  When the
         reader was closed and opened again (unplugged, or reset after a fault) while a card was
         in it, the card was reset: it is reported removed, then inserted."""
@@ -691,7 +691,7 @@ class UsbCard:
         problem: str | None = None  # the last reason the reader could not be opened
         epoch = -1  # the opening the last report was about
         failures = 0  # looks in a row that failed on a reader that is there
-        while not self._stop.is_set():
+        while not stop.is_set():
             if present is None or not self._opened() or self._epoch != epoch:
                 try:
                     state = self._look()
@@ -702,32 +702,32 @@ class UsbCard:
                         log.warning("USB reader %s: %s", self.selector, exc)
                     failures += 1
                     if isinstance(exc, CardError) and failures < LOOK_RETRIES:
-                        self._stop.wait(REPLUG_POLL)  # a hiccup: look again first
+                        stop.wait(REPLUG_POLL)  # a hiccup: look again first
                         continue
                 failures = 0
                 if state is None:  # not there, or not usable
                     if plugged is not False:
                         plugged, present = False, None
                         self._say(ReaderUnplugged(f"USB reader {self.selector} is not "
-                                                  "plugged in or not usable"))
-                    self._stop.wait(REPLUG_POLL)
+                                                  "plugged in or not usable"), stop)
+                    stop.wait(REPLUG_POLL)
                     continue
                 if present and epoch != self._epoch:
                     log.info("USB reader %s: opened again; the card was reset",
                              self.reader_name)
-                    self._say(CardRemoved())
+                    self._say(CardRemoved(), stop)
                 plugged, present, problem, epoch = True, state, None, self._epoch
-                self._say(CardInserted() if state else CardRemoved())
+                self._say(CardInserted() if state else CardRemoved(), stop)
                 continue
             try:
-                change = self._next_change()
+                change = self._next_change(stop)
             except UsbGone:
                 with self._io:
                     self._drop()
                 continue
             except CardError as exc:
                 log.warning("USB reader %s: %s", self.reader_name, exc)
-                self._stop.wait(STATUS_POLL)
+                stop.wait(STATUS_POLL)
                 continue
             if change is None:
                 continue
@@ -737,9 +737,9 @@ class UsbCard:
             log.info("USB reader %s: card %s", self.reader_name,
                      "inserted" if now_present else "removed")
             if now_present and present:  # taken out and put back between two looks
-                self._say(CardRemoved())
+                self._say(CardRemoved(), stop)
             present = now_present
-            self._say(CardInserted() if now_present else CardRemoved())
+            self._say(CardInserted() if now_present else CardRemoved(), stop)
 
     def _opened(self) -> bool:
         with self._state:
@@ -775,7 +775,7 @@ class UsbCard:
             return False
         raise self._failure(event, "slot status")
 
-    def _next_change(self) -> tuple[bool, bool] | None:
+    def _next_change(self, stop: threading.Event) -> tuple[bool, bool] | None:
         """Wait a little for a presence change: (present, changed), None for nothing new."""
         with self._state:
             transport = self._transport
@@ -795,7 +795,7 @@ class UsbCard:
                 log.error("USB reader %s: hardware error %02X", self.reader_name, event.code)
                 return None
             return (event.present, event.changed) if isinstance(event, SlotChanged) else None
-        self._stop.wait(STATUS_POLL)
+        stop.wait(STATUS_POLL)
         if not self._io.acquire(blocking=False):  # an APDU is on its way: look later
             return None
         try:

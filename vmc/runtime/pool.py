@@ -76,7 +76,7 @@ class ReaderPool:
         """Stop the set and close its cards (the daemon's end; blocks a little)."""
         with contextlib.suppress(Exception):
             self.set.unwatch()
-        for card in self.cards.values():
+        for card in list(self.cards.values()):
             _close(card)
         self.cards.clear()
 
