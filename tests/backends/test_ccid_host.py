@@ -394,12 +394,19 @@ def test_no_card_and_a_removed_card() -> None:
 def test_time_extensions_move_the_deadline() -> None:
     reader = EmulatedReader(BuiltinTestCard(), "short")
     driver = powered(reader, response_timeout=5.0)
-    reader.time_extensions = 3
+    reader.time_extensions = 2
     driver.transmit(H("80E0000003010203"), 100.0)
     assert driver.deadline == 105.0
-    event, seen = run(driver, reader, now=104.0)
-    assert event == Answer(H("010203 9000"))
-    assert seen.count(TimeExtension(1)) == 3
+    reader.bulk_out(driver.data_to_send() or b"")
+    extension = reader.take_transfer(100)
+    driver.receive_bulk(extension, 104.0, transfer_end=True)  # the card asks for more time
+    assert driver.next_event() == TimeExtension(1)
+    assert driver.deadline == 109.0
+    assert not driver.check_timeout(108.0)
+    driver.receive_bulk(reader.take_transfer(100), 108.5, transfer_end=True)
+    assert driver.next_event() == TimeExtension(1) and driver.deadline == 113.5
+    driver.receive_bulk(reader.take_transfer(100), 113.0, transfer_end=True)
+    assert driver.next_event() == Answer(H("010203 9000"))
     assert not driver.check_timeout(1000.0)  # nothing is due any more
 
 
@@ -606,3 +613,16 @@ def test_bytes_after_the_message_in_one_transfer_are_dropped() -> None:
     driver.data_to_send()
     with pytest.raises(DeviceError, match="ended inside a message"):
         driver.receive_bulk(H("8002000000"), 0.0, transfer_end=True)
+
+
+def test_a_message_and_garbage_in_one_transfer() -> None:
+    """The bytes after a message in its transfer are not read as a next message, however many
+    there are (here 12, enough for a header that would be refused)."""
+    reader = EmulatedReader(BuiltinTestCard(), "short")
+    driver = powered(reader)
+    driver.transmit(H("80E0000003010203"), 0.0)
+    reader.bulk_out(driver.data_to_send() or b"")
+    answer = reader.take_transfer(1000)
+    driver.receive_bulk(answer + H("6f ffffff7f 0000 0000 0000 00"), 0.0, transfer_end=True)
+    assert driver.next_event() == Answer(H("010203 9000"))
+    assert transmit(driver, reader, H("80E0000003040506")) == H("040506 9000")

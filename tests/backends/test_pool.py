@@ -67,7 +67,8 @@ class ToySet:
         self.notify = None
 
     def open(self, reader: str, options: CardOptions) -> ToyReaderCard:
-        card = self.cards[reader] = ToyReaderCard(reader)
+        kind = QuietReaderCard if reader.startswith("quiet") else ToyReaderCard
+        card = self.cards[reader] = kind(reader)
         return card
 
     def spec_of(self, reader: str) -> str:
@@ -205,3 +206,66 @@ def test_compare_needs_a_card_not_only_a_set() -> None:
         _daemon(listen=[_addr()], cards=["toy:*"], compare="test:")
     with pytest.raises(ConfigError, match="give another card"):
         _daemon(listen=[_addr()], cards=["test:"], compare="test:")
+
+
+class QuietReaderCard(ToyReaderCard):
+    """Reports nothing until the test says so."""
+
+    last: ClassVar[QuietReaderCard | None] = None
+
+    def watch(self, notify: Callable[[ReaderEvent], None]) -> None:
+        self.notify = notify
+        QuietReaderCard.last = self
+
+
+def open_quiet(argument: str, options: CardOptions) -> QuietReaderCard:
+    return QuietReaderCard(argument)
+
+
+def test_a_card_that_reports_its_presence_is_empty_until_it_does() -> None:
+    from ccidemu.cards import register
+
+    register("quiet", "tests.backends.test_pool:open_quiet")
+    address = _addr()
+    daemon = _daemon(listen=[address], cards=["quiet:r"])
+    fake = FakeQemu.connect(address)
+    try:
+        fake.wait_handshake(timeout=30)
+        listing = daemon.request({"cmd": "list"})
+        _wait_for(lambda: daemon.request({"cmd": "list"})[0]["readers"][0]["reader_id"] == 0)
+        assert not fake.card_present() and not listing[0]["readers"][0]["present"]
+        card = QuietReaderCard.last
+        assert card is not None and card.notify is not None
+        card.notify(CardInserted())
+        assert fake.wait_card(timeout=30) == BuiltinTestCard.ATR
+    finally:
+        fake.close()
+        daemon.stop()
+
+
+def _wait_for(predicate: Callable[[], bool]) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+@pytest.mark.usefixtures("toy")
+def test_a_pool_reader_is_empty_until_its_card_says() -> None:
+    START.append("quiet1")
+    address = _addr()
+    daemon = _daemon(listen=[address], cards=["toy:*"])
+    fake = FakeQemu.connect(address, multi_reader=True)
+    try:
+        assert fake.wait_readers(1, timeout=30) == [0]
+        _wait_for(lambda: daemon.request({"cmd": "list"})[0]["readers"][0]["reader_id"] == 0)
+        assert not fake.card_present(0)
+        card = ToySet.instances[0].cards["quiet1"]
+        assert card.notify is not None
+        card.notify(CardInserted())
+        assert fake.wait_card(0, timeout=30) == BuiltinTestCard.ATR
+    finally:
+        fake.close()
+        daemon.stop()

@@ -229,6 +229,18 @@ def test_a_reader_outside_the_allow_list_is_refused_at_start(pcscd: PcscdHarness
         daemon.start()
 
 
+def test_an_empty_reader_at_start_is_empty_not_a_failed_card(pcscd: PcscdHarness,
+                                                              work: Path) -> None:
+    with served(pcscd, work, f"pcsc:{READER}") as (daemon, (fake,)):
+        _wait(lambda: "handshake done" in daemon.log(), "the handshake")
+        _wait(lambda: fake.core.reader_name(0) == "ccidemu reader 0", "the reader")
+        assert not fake.card_present()
+        pcscd.start_bridge("test:")
+        assert fake.wait_card(timeout=30) == BuiltinTestCard.ATR
+        assert fake.transmit(ECHO, timeout=30) == H("010203 9000")
+        assert "power-on failed" not in daemon.log()
+
+
 def test_remove_insert_and_a_pcscd_restart(pcscd: PcscdHarness, work: Path) -> None:
     pcscd.start_bridge("test:")
     with served(pcscd, work, f"pcsc:{READER}") as (daemon, (fake,)):

@@ -37,7 +37,9 @@ APDUS = [
     H("0020008008313233343536FFFF"),  # VERIFY PIN 123456: both accept it
     H("0020008008393939393939FFFF"),  # a wrong PIN: both count it
     H("00FD000000"),  # GET VERSION: not a PIV command
+    H("008703 9B 04 7C028000"),  # a management-key witness: random, and secret (redacted)
 ]
+WITNESS = len(APDUS) - 1
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,8 @@ def test_compare_reports_exactly_the_apdus_that_differ(pcscd: PcscdHarness, othe
             fake.wait_card(timeout=30)
             got = [fake.transmit(apdu, timeout=30) for apdu in APDUS]
             log = daemon.log()
-        assert got == mine  # the VM gets the passed-through card's answers, always
+        # the VM gets the passed-through card's answers, always (the witness is random)
+        assert got[:WITNESS] == mine[:WITNESS]
         numbers = [int(n) for n in re.findall(r"compare: APDU (\d+) ", log)]
         assert numbers == [i + 1 for i in differ], log[-3000:]
         records = list(read_trace(trace))
@@ -76,9 +79,19 @@ def test_compare_reports_exactly_the_apdus_that_differ(pcscd: PcscdHarness, othe
         flagged = [i for i, r in enumerate(records) if r.compare is not None]
         assert flagged == differ
         for i in differ:
-            assert records[i].compare == theirs[i]
+            if i != WITNESS:
+                assert records[i].compare == theirs[i]
         assert "313233343536" not in log and "313233343536" not in trace.read_text()
         assert "393939393939" not in log
+        # the witness differs (random on each card) and is shown as its status word only
+        assert WITNESS in differ and got[WITNESS][-2:] == H("9000") and len(got[WITNESS]) > 2
+        assert records[WITNESS].response == H("9000") and records[WITNESS].redacted
+        assert records[WITNESS].compare == H("9000")
+        assert (f"compare: APDU {WITNESS + 1} 0087039B04: card 9000, "
+                f"piv:{other_card} 9000") in log
+        for secret in (got[WITNESS][:-2], records[WITNESS].response[:-2]):
+            if secret:
+                assert secret.hex().upper() not in log
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
