@@ -202,7 +202,7 @@ def test_bytes_that_break_ccid_fail_the_call_and_the_reader_recovers(
         raise AssertionError("the reader did not recover")
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_any_corruption_ends_in_card_error_and_recovery(data: st.DataObject) -> None:
     card, _bus, reader = make("tpdu", timeout=0.2)

@@ -4,12 +4,16 @@ holds the "physical" card, the emulated card behind the vpcd bridge; ``ccidemu s
 the PIV card and signs with it (verified on the host); stopping the bridge shows the card leave
 the guest and starting it again brings it back; a pcscd restart is survived; another card put
 in the host reader (the test card) answering 54 bytes, which QEMU 7.2's usb-ccid would lose
-(issue 16), reaches the guest whole.  (``pcsc:*`` over two usb-ccid devices:
-test_qemu_pcsc_more.py.)"""
+(issue 16), reaches the guest whole; with ``pcsc:*`` and two endpoints the guest's two
+usb-ccid devices get one host reader each (QEMU takes one reader per usb-ccid device;
+docs/DESIGN.md, "Real cards")."""
 
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +39,9 @@ def passthrough(guest_image: GuestImage, e2e_dir: Path, host_pcscd: PcscdHarness
                 ) -> Iterator[tuple[Guest, ServeProcess]]:
     pcscd = host_pcscd
     pcscd.start_bridge("piv:")
-    with boot_guest(guest_image, e2e_dir / "one", ChardevMode.QEMU_SERVER) as guest:
+    # two usb-ccid devices: the second one is empty until the last test serves it
+    with boot_guest(guest_image, e2e_dir / "guest", ChardevMode.QEMU_SERVER,
+                    readers=2) as guest:
         daemon = ServeProcess(e2e_dir / "serve", guest.vsc_socket, ChardevMode.QEMU_SERVER,
                               cards=[f"pcsc:{READER}"], env=pcscd.env)
         daemon.start()
@@ -121,3 +127,41 @@ def test_another_card_answering_54_bytes_passes_through(
     assert opensc_responses(out) == [bytes(range(52)) + b"\x90\x00",
                                      bytes(range(16)) + b"\x90\x00"], out
     assert "went out in parts" in daemon.log()
+
+
+def test_every_reader_one_per_usb_ccid(passthrough: tuple[Guest, ServeProcess],
+                                       host_pcscd: PcscdHarness, e2e_dir: Path) -> None:
+    """``pcsc:*`` with two endpoints, the guest's two usb-ccid devices: one host reader each."""
+    guest, first = passthrough
+    pcscd = host_pcscd
+    first.stop()
+    pcscd.stop_bridge()
+    pcscd.start_bridge("test:")
+    log = (e2e_dir / "bridge2.log").open("wb")
+    bridge = subprocess.Popen([sys.executable, "-m", "vmc", "vpcd", "--card", "piv:",
+                               "--vpcd", f"tcp:127.0.0.1:{pcscd.port + 1}"],
+                              stdout=log, stderr=log, start_new_session=True)
+    daemon = ServeProcess(e2e_dir / "serve-all", guest.vsc_sockets[0], ChardevMode.QEMU_SERVER,
+                          cards=["pcsc:*"], env=pcscd.env, more_sockets=guest.vsc_sockets[1:])
+    try:
+        daemon.start()
+        want = {"vm1": [f"pcsc:{READER}"], "vm2": ["pcsc:Virtual PCD 00 01"]}
+        deadline = time.monotonic() + 30
+        while (listing := {vm["vm"]: [r["spec"] for r in vm["readers"]]
+                           for vm in daemon.ctl_json("list")}) != want:
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.1)
+        script = ("i=0; while [ $i -lt 120 ]; do opensc-tool -l >/tmp/l 2>&1; "
+                  "[ $(grep -c '^[0-9].*Yes' /tmp/l) -eq 2 ] && { cat /tmp/l; exit 0; }; "
+                  "i=$((i + 1)); sleep 0.25; done; cat /tmp/l; exit 1")
+        out = guest.check(script, timeout=60)
+        readers = [line for line in out.splitlines() if line[:1].isdigit()]
+        assert len(readers) == 2 and all("Yes" in line for line in readers), out
+        atrs = [guest.check(f"opensc-tool -r {i} -a", timeout=20).strip().splitlines()[-1]
+                for i in (0, 1)]
+        assert sorted(atrs) == sorted([TEST_ATR_TEXT,
+                                       "3b:8c:80:01:63:63:69:64:65:6d:75:2d:50:49:56:31:2e"])
+    finally:
+        daemon.stop()
+        bridge.terminate()
+        bridge.wait(10)

@@ -114,9 +114,13 @@ if grep -qw ccidemu.host=1 /proc/cmdline; then
     say "mounting the host's files failed"
   fi
 fi
+# as many usb-ccid devices as the command line says (ccidemu.readers=N, default 1): pcscd
+# sees only those there when it starts (no udevd for hotplug)
+want=1
+for arg in $(cat /proc/cmdline); do case $arg in ccidemu.readers=*) want=${arg#*=};; esac; done
 i=0
-until grep -qs 08e6 /sys/bus/usb/devices/*/idVendor; do
-  i=$((i + 1)); [ $i -gt 400 ] && { say "no usb-ccid device after 20 s"; break; }
+until [ $(cat /sys/bus/usb/devices/*/idVendor 2>/dev/null | grep -c 08e6) -ge $want ]; do
+  i=$((i + 1)); [ $i -gt 400 ] && { say "fewer than $want usb-ccid devices after 20 s"; break; }
   sleep 0.05
 done
 stty -F /dev/ttyS1 raw -echo
@@ -461,6 +465,8 @@ class Guest:
             devices += ["-device", ccid, "-chardev", vsc,
                         "-device", f"ccid-card-passthru,chardev={name}"]
         append = "console=ttyS0 panic=-1 quiet"
+        if len(self.vsc_sockets) > 1:
+            append += f" ccidemu.readers={len(self.vsc_sockets)}"
         if self.share_host:
             devices += ["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on"]
             append += " ccidemu.host=1"
