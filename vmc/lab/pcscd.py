@@ -107,9 +107,6 @@ class PcscdHarness:
     proc: subprocess.Popen[bytes] | None = None
     bridge: Bridge | None = None
     starts: int = 0
-    #: more vpcd entries of reader.conf (friendly name -> port), from the next start on:
-    #: pcscd reads reader.conf only when it starts (docs/PROTOCOL.md, "vpcd")
-    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def socket_path(self) -> Path:
@@ -136,12 +133,12 @@ class PcscdHarness:
     def start_pcscd(self) -> None:
         assert self.proc is None, "pcscd already running"
         conf = self.workdir / "reader.conf"
-        entries = {"Virtual PCD": self.port, **self.extra}
-        conf.write_text("\n".join(
-            f'FRIENDLYNAME "{name}"\n'
-            f"DEVICENAME   /dev/null:0x{port:04X}\n"
+        conf.write_text(
+            'FRIENDLYNAME "Virtual PCD"\n'
+            f"DEVICENAME   /dev/null:0x{self.port:04X}\n"
             f"LIBPATH      {VPCD_DRIVER}\n"
-            f"CHANNELID    0x{port:04X}\n" for name, port in entries.items()))
+            f"CHANNELID    0x{self.port:04X}\n"
+        )
         Path("/run/pcscd").mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -190,16 +187,6 @@ class PcscdHarness:
     def restart_pcscd(self) -> None:
         self.stop_pcscd()
         self.start_pcscd()
-
-    def add_reader(self, name: str) -> int:
-        """Another vpcd entry ``name`` (readers ``NAME 0n 00`` and ``NAME 0n 01`` once pcscd
-        restarts); its port, for a card side (``ccidemu vpcd --vpcd tcp:127.0.0.1:PORT``)."""
-        used = {self.port, self.port + 1} | {p for q in self.extra.values() for p in (q, q + 1)}
-        while True:
-            port = pick_port_pair()
-            if port not in used and port + 1 not in used:
-                self.extra[name] = port
-                return port
 
     def pcscd_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
