@@ -3,6 +3,8 @@
 - ``guest_image`` (session): the cached kernel + initramfs.  Fails naming what is missing when
   QEMU or the guest's packages are absent, unless ``--no-qemu`` / ``CCIDEMU_NO_QEMU=1``.
 - ``e2e_dir`` (module): a short directory for unix sockets, logs, traces and pcaps.
+- ``host_pcscd`` (module): a private pcscd with vpcd on the host (vmc.lab.pcscd), for the
+  passthrough tests; needs the pcscd peers too (``--no-pcscd`` skips them).
 - :func:`vmc.lab.guest.boot_guest` for module fixtures: each test module boots one guest
   (about 6 s under TCG) and its tests share it.
 
@@ -29,6 +31,7 @@ from vmc.lab.guest import (
     build_guest,
     missing_host_tools,
 )
+from vmc.lab.pcscd import PEER_PACKAGES, PcscdHarness, missing_peers
 from vmc.lab.serve import ServeProcess
 
 #: Modules with a failed test keep their e2e_dir (as does CCIDEMU_KEEP_E2E=1).
@@ -51,6 +54,22 @@ def e2e_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
         print(f"kept {path} (logs, traces, pcaps of {request.module.__name__})")
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def host_pcscd(request: pytest.FixtureRequest) -> Iterator[PcscdHarness]:
+    """A private pcscd with vpcd on the host (no bridge running), for passthrough tests."""
+    require_peers(request.config, "pcscd", missing_peers(), PEER_PACKAGES)
+    work = Path(tempfile.mkdtemp(prefix="ccidemu-e2e-pcscd-"))
+    harness = PcscdHarness(work)
+    harness.start_pcscd()
+    try:
+        yield harness
+    finally:
+        harness.stop_bridge()
+        harness.stop_pcscd()
+        shutil.rmtree(work, ignore_errors=True)
+
 
 
 @pytest.hookimpl(wrapper=True)

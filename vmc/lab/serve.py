@@ -26,7 +26,8 @@ class DaemonError(Exception):
 
 
 class ServeProcess:
-    """``ccidemu serve`` with one chardev address, a control socket and optional trace.
+    """``ccidemu serve`` with one chardev address (or more: ``more_sockets``), a control
+    socket and optional trace; ``env`` replaces the environment (PCSCLITE_CSOCK_NAME...).
 
     ``mode`` is QEMU's side: :attr:`ChardevMode.QEMU_SERVER` makes the daemon ``--connect``,
     :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  :meth:`start` may be called again
@@ -43,6 +44,8 @@ class ServeProcess:
         trace: Path | None = None,
         extra_args: Sequence[str] = (),
         verbose: int = 2,
+        env: dict[str, str] | None = None,
+        more_sockets: Sequence[Path] = (),
     ) -> None:
         self.workdir = workdir
         self.vsc_socket = vsc_socket
@@ -51,6 +54,9 @@ class ServeProcess:
         self.trace = trace
         self.extra_args = tuple(extra_args)
         self.verbose = verbose  # the number of -v (3: TRAFFIC, every frame)
+        self.env = env  # the daemon's environment (None: ours), e.g. PCSCLITE_CSOCK_NAME
+        #: more chardev sockets, one VM each (vm2, vm3, ...), in the same mode
+        self.more_sockets = tuple(more_sockets)
         self.control = workdir / "control.sock"
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -61,6 +67,8 @@ class ServeProcess:
         if self.mode is not ChardevMode.SPICE:  # (SPICE: --spice HOST:PORT in extra_args)
             flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
             cmd += [flag, f"unix:{self.vsc_socket}"]
+            for path in self.more_sockets:
+                cmd += [flag, f"unix:{path}"]
         for card in self.cards:
             cmd += ["--card", card]
         cmd += ["--control", f"unix:{self.control}"]
@@ -79,7 +87,7 @@ class ServeProcess:
             log.flush()
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
+                start_new_session=True, env=self.env,
             )
         deadline = time.monotonic() + timeout
         while not self._control_answers():
@@ -126,7 +134,7 @@ class ServeProcess:
         """Run ``ccidemu ctl --control ADDR ARGS...`` (no check; see :meth:`ctl_json`)."""
         cmd = [sys.executable, "-m", "vmc", "ctl", "--control", f"unix:{self.control}", *args]
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, check=False
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=self.env
         )
 
     def ctl_ok(self, *args: str) -> str:
