@@ -24,11 +24,12 @@ import pytest
 from tests.support import require_peers
 from vmc.lab.guest import (
     GUEST_HOST_PACKAGES,
-    Guest,
     GuestImage,
+    SerialGuest,
     build_guest,
     missing_host_tools,
 )
+from vmc.lab.libvirt import PrivateLibvirtd
 from vmc.lab.serve import ServeProcess
 
 #: Modules with a failed test keep their e2e_dir (as does CCIDEMU_KEEP_E2E=1).
@@ -70,8 +71,10 @@ def pytest_runtest_makereport(
                 if id(obj) in seen:
                     continue
                 seen.add(id(obj))
-                if isinstance(obj, Guest):
+                if isinstance(obj, SerialGuest):
                     report.sections.append(("guest " + str(obj.workdir), obj.diagnostics()))
+                elif isinstance(obj, PrivateLibvirtd):
+                    report.sections.append(("libvirtd " + str(obj.root), obj.diagnostics()))
                 elif isinstance(obj, ServeProcess):
                     report.sections.append(("ccidemu serve log tail", obj.log_tail(40)))
     return report

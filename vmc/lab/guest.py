@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -384,101 +385,61 @@ class CommandResult:
     output: str
 
 
-class Guest:
-    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+class SerialGuest:
+    """A running guest's command channel and log files, whoever runs the VM.
 
-    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
-    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
-    mode the daemon must already listen there when :meth:`start` is called.
+    The command protocol of :data:`INIT_SCRIPT` (``run()`` shell commands, read the answers)
+    over a byte stream that a subclass moves: it implements :meth:`start`, :meth:`close`,
+    :meth:`_send` and :meth:`_read_some` (which appends what arrived to ``_buffer`` and to the
+    transcript, and raises :class:`GuestError` at the deadline or when the VM is gone).
     """
 
-    def __init__(
-        self,
-        image: GuestImage,
-        workdir: Path,
-        vsc_socket: Path,
-        mode: ChardevMode,
-        *,
-        pcap: Path | None = None,
-        memory_mb: int = 512,
-    ) -> None:
+    #: How :meth:`diagnostics` names the file at ``qemu_log_path``.
+    qemu_log_label = "QEMU stderr"
+
+    def __init__(self, image: GuestImage, workdir: Path, *, memory_mb: int = 512) -> None:
         self.image = image
         self.workdir = workdir
-        self.vsc_socket = vsc_socket
-        self.mode = mode
-        self.pcap = pcap
         self.memory_mb = memory_mb
         self.console_path = workdir / "console.log"
         self.pcscd_log_path = workdir / "pcscd.log"
         self.qemu_log_path = workdir / "qemu.log"
         self.transcript_path = workdir / "commands.log"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
-        self._selector: selectors.DefaultSelector | None = None
         self.boot_seconds = 0.0
 
-    def qemu_command(self) -> list[str]:
-        if self.mode is ChardevMode.QEMU_SERVER:
-            vsc = f"socket,id=vsc,path={self.vsc_socket},server=on,wait=off"
-        else:
-            vsc = f"socket,id=vsc,path={self.vsc_socket},reconnect=1"
-        ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap else "")
-        return [
-            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
-            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", "console=ttyS0 panic=-1 quiet",
-            "-serial", f"file:{self.console_path}",
-            "-serial", "stdio",
-            "-serial", f"file:{self.pcscd_log_path}",
-            "-device", "qemu-xhci,id=xhci", "-device", ccid,
-            "-chardev", vsc, "-device", "ccid-card-passthru,chardev=vsc",
-        ]
+    # ----------------------------------------------------------------- for subclasses
 
     def start(self, timeout: float = 60) -> None:
         """Boot; return once pcscd runs and the command channel answers."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = self.qemu_command()
-        logger.info("starting %s", " ".join(cmd))
-        started = time.monotonic()
-        with self.qemu_log_path.open("wb") as qemu_log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
-                start_new_session=True,
-            )
-        assert self._proc.stdout is not None
-        os.set_blocking(self._proc.stdout.fileno(), False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
-        deadline = started + timeout
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the VM (idempotent)."""
+        raise NotImplementedError
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data`` to the guest's command channel (raise GuestError if not running)."""
+        raise NotImplementedError
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        """Wait (until ``deadline``) for bytes from the command channel and keep them."""
+        raise NotImplementedError
+
+    def _received(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        with self.transcript_path.open("ab") as fh:
+            fh.write(chunk)
+
+    def _wait_ready(self, started: float, deadline: float) -> None:
+        """Read until the guest's ``<<<READY>>>`` line; record the boot time."""
         while READY_MARKER.encode() not in self._buffer:
             self._read_some(deadline, "boot")
         self._buffer = self._buffer.split(READY_MARKER.encode() + b"\n", 1)[-1]
         self.boot_seconds = time.monotonic() - started
         logger.info("guest ready in %.1f s", self.boot_seconds)
 
-    def _read_some(self, deadline: float, what: str) -> None:
-        assert self._proc is not None and self._selector is not None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
-        for _key, _ev in self._selector.select(min(remaining, 0.5)):
-            assert self._proc.stdout is not None
-            chunk = self._proc.stdout.read(65536)
-            if chunk:
-                self._buffer += chunk
-                with self.transcript_path.open("ab") as fh:
-                    fh.write(chunk)
-                return
-            if chunk is not None:  # EOF
-                self._proc.wait(timeout=10)
-                raise GuestError(
-                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
-                )
-        if self._proc.poll() is not None:
-            raise GuestError(
-                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
-            )
+    # ----------------------------------------------------------------- commands and logs
 
     def run(self, script: str, timeout: float = 20) -> CommandResult:
         """Run a shell script in the guest (busybox sh, stdout+stderr merged).
@@ -486,14 +447,11 @@ class Guest:
         The guest kills the script after ``timeout`` seconds (status 137); the host waits a
         little longer for the answer and raises :class:`GuestError` if none comes.
         """
-        if self._proc is None or self._proc.stdin is None:
-            raise GuestError("guest is not running")
         secs = max(1, int(timeout + 0.999))
         line = f"{secs} {base64.b64encode(script.encode()).decode()}\n".encode()
         with self.transcript_path.open("ab") as fh:
             fh.write(f"\n### host> {script!r} (timeout {secs} s)\n".encode())
-        self._proc.stdin.write(line)
-        self._proc.stdin.flush()
+        self._send(line)
         deadline = time.monotonic() + secs + 15
         while (m := END_RE.search(self._buffer)) is None:
             self._read_some(deadline, f"command {script!r}")
@@ -544,7 +502,7 @@ class Guest:
         parts = []
         for label, path in (
             ("serial console", self.console_path),
-            ("QEMU stderr", self.qemu_log_path),
+            (self.qemu_log_label, self.qemu_log_path),
             ("pcscd log", self.pcscd_log_path),
             ("command channel", self.transcript_path),
         ):
@@ -552,6 +510,100 @@ class Guest:
                 parts.append(f"--- {label} ({path}), tail:\n"
                              + tail(path.read_bytes().decode("utf-8", "replace"), 25))
         return "\n".join(parts)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Guest(SerialGuest):
+    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+
+    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
+    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
+    mode the daemon must already listen there when :meth:`start` is called.
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        workdir: Path,
+        vsc_socket: Path,
+        mode: ChardevMode,
+        *,
+        pcap: Path | None = None,
+        memory_mb: int = 512,
+    ) -> None:
+        super().__init__(image, workdir, memory_mb=memory_mb)
+        self.vsc_socket = vsc_socket
+        self.mode = mode
+        self.pcap = pcap
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._selector: selectors.DefaultSelector | None = None
+
+    def qemu_command(self) -> list[str]:
+        if self.mode is ChardevMode.QEMU_SERVER:
+            vsc = f"socket,id=vsc,path={self.vsc_socket},server=on,wait=off"
+        else:
+            vsc = f"socket,id=vsc,path={self.vsc_socket},reconnect=1"
+        ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap else "")
+        return [
+            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
+            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
+            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+            "-append", "console=ttyS0 panic=-1 quiet",
+            "-serial", f"file:{self.console_path}",
+            "-serial", "stdio",
+            "-serial", f"file:{self.pcscd_log_path}",
+            "-device", "qemu-xhci,id=xhci", "-device", ccid,
+            "-chardev", vsc, "-device", "ccid-card-passthru,chardev=vsc",
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        """Boot; return once pcscd runs and the command channel answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = self.qemu_command()
+        logger.info("starting %s", " ".join(cmd))
+        started = time.monotonic()
+        with self.qemu_log_path.open("wb") as qemu_log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
+                start_new_session=True,
+            )
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+        self._wait_ready(started, started + timeout)
+
+    def _send(self, data: bytes) -> None:
+        if self._proc is None or self._proc.stdin is None:
+            raise GuestError("guest is not running")
+        self._proc.stdin.write(data)
+        self._proc.stdin.flush()
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        assert self._proc is not None and self._selector is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
+        for _key, _ev in self._selector.select(min(remaining, 0.5)):
+            assert self._proc.stdout is not None
+            chunk = self._proc.stdout.read(65536)
+            if chunk:
+                self._received(chunk)
+                return
+            if chunk is not None:  # EOF
+                self._proc.wait(timeout=10)
+                raise GuestError(
+                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+                )
+        if self._proc.poll() is not None:
+            raise GuestError(
+                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+            )
 
     def close(self) -> None:
         """Stop QEMU: ``poweroff -f`` in the guest, else SIGTERM, else SIGKILL."""
@@ -576,12 +628,6 @@ class Guest:
                 continue
         if proc.stdout is not None:
             proc.stdout.close()
-
-    def __enter__(self) -> Guest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @contextlib.contextmanager
@@ -629,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 ECHO = "80E0000003010203"
 
 
-def wait_apdus_work(guest: Guest, timeout: float = 20) -> str:
+def wait_apdus_work(guest: SerialGuest, timeout: float = 20) -> str:
     """Send the echo APDU from the guest until it gets the test card's answer."""
     script = (
         f"i=0; while [ $i -lt {int(timeout * 2)} ]; do "

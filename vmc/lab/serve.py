@@ -29,14 +29,16 @@ class ServeProcess:
     """``ccidemu serve`` with one chardev address, a control socket and optional trace.
 
     ``mode`` is QEMU's side: :attr:`ChardevMode.QEMU_SERVER` makes the daemon ``--connect``,
-    :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  :meth:`start` may be called again
+    :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  ``vsc_socket`` is a unix socket's
+    path, or a whole address (``"tcp:127.0.0.1:2001"``), or None for none on the command line
+    (VMs from a ``--config`` file in ``extra_args``).  :meth:`start` may be called again
     after :meth:`kill` or :meth:`stop` to restart it with the same arguments.
     """
 
     def __init__(
         self,
         workdir: Path,
-        vsc_socket: Path,
+        vsc_socket: Path | str | None,
         mode: ChardevMode,
         cards: Sequence[str] = ("test:",),
         *,
@@ -58,8 +60,11 @@ class ServeProcess:
 
     def command(self) -> list[str]:
         flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
-        cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve", flag,
-               f"unix:{self.vsc_socket}"]
+        cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve"]
+        if isinstance(self.vsc_socket, Path):
+            cmd += [flag, f"unix:{self.vsc_socket}"]
+        elif self.vsc_socket is not None:
+            cmd += [flag, self.vsc_socket]
         for card in self.cards:
             cmd += ["--card", card]
         cmd += ["--control", f"unix:{self.control}"]
