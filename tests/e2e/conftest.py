@@ -4,11 +4,12 @@
   QEMU or the guest's packages are absent, unless ``--no-qemu`` / ``CCIDEMU_NO_QEMU=1``.
 - ``e2e_dir`` (module): a short directory for unix sockets, logs, traces and pcaps.
 - :func:`vmc.lab.guest.boot_guest` for module fixtures: each test module boots one guest
-  (about 6 s under TCG) and its tests share it.
+  (about 6 s under TCG) and its tests share it.  test_libvirt.py has its own ``libvirtd``
+  fixture (a private libvirtd for the module, :mod:`vmc.lab.libvirt`).
 
 On a failing test its module's directory is kept, and the tails of every guest's serial
-console, QEMU's stderr, the guest's pcscd log, the command channel and ``serve.log`` are
-attached to the report.
+console, QEMU's stderr (libvirt's domain log), the guest's pcscd log, the command channel,
+``serve.log`` and the private libvirtd's own log are attached to the report.
 """
 
 from __future__ import annotations

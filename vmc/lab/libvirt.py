@@ -250,17 +250,23 @@ class PrivateLibvirtd:
         with self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          start_new_session=True)
-        deadline = time.monotonic() + timeout
+        try:
+            self._wait_answer(self.proc, time.monotonic() + timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_answer(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
         while True:
-            if self.proc.poll() is not None:
-                raise LibvirtError(f"libvirtd exited with {self.proc.returncode} at start:\n"
+            if proc.poll() is not None:
+                raise LibvirtError(f"libvirtd exited with {proc.returncode} at start:\n"
                                    + self.diagnostics())
             probe = self.virsh("version", check=False, timeout=15)
             if probe.returncode == 0:
                 return
             if time.monotonic() > deadline:
-                raise LibvirtError(f"libvirtd does not answer after {timeout} s "
-                                   f"({probe.stderr.strip()}):\n" + self.diagnostics())
+                raise LibvirtError(f"libvirtd does not answer ({probe.stderr.strip()}):\n"
+                                   + self.diagnostics())
             time.sleep(0.2)
 
     def virsh(self, *args: str, check: bool = True,
