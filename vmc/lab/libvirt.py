@@ -45,7 +45,7 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -124,18 +124,15 @@ class ProcessIds:
 def ensure_qemu_user() -> ProcessIds:
     """Create the ``libvirt-qemu`` user and its groups if missing (idempotent); its ids."""
     for group in QEMU_GROUPS:
-        try:
-            grp.getgrnam(group)
-        except KeyError:
+        if not _exists(grp.getgrnam, group):
             logger.info("adding system group %s", group)
-            _checked(["groupadd", "--system", group])
-    try:
-        pwd.getpwnam(QEMU_USER)
-    except KeyError:
+            _add(["groupadd", "--system", group], grp.getgrnam, group)
+    if not _exists(pwd.getpwnam, QEMU_USER):
         logger.info("adding system user %s", QEMU_USER)
-        _checked(["useradd", "--system", "--gid", QEMU_GROUPS[0], "--groups", QEMU_GROUPS[1],
-                  "--home-dir", str(SYSTEM_DIRS["lib"]), "--no-create-home",
-                  "--shell", "/usr/sbin/nologin", "--comment", "Libvirt Qemu", QEMU_USER])
+        _add(["useradd", "--system", "--gid", QEMU_GROUPS[0], "--groups", QEMU_GROUPS[1],
+              "--home-dir", str(SYSTEM_DIRS["lib"]), "--no-create-home",
+              "--shell", "/usr/sbin/nologin", "--comment", "Libvirt Qemu", QEMU_USER],
+             pwd.getpwnam, QEMU_USER)
     user = pwd.getpwnam(QEMU_USER)
     kvm = grp.getgrnam(QEMU_GROUPS[1])
     if QEMU_USER not in kvm.gr_mem and kvm.gr_gid != user.pw_gid:
@@ -143,6 +140,23 @@ def ensure_qemu_user() -> ProcessIds:
         _checked(["usermod", "--append", "--groups", kvm.gr_name, QEMU_USER])
     groups = {g.gr_gid for g in grp.getgrall() if QEMU_USER in g.gr_mem}
     return ProcessIds(user.pw_uid, user.pw_gid, frozenset(groups | {user.pw_gid}))
+
+
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _add(cmd: Sequence[str], lookup: Callable[[str], object], name: str) -> None:
+    """Run groupadd/useradd; another test run adding the same name first is no failure."""
+    try:
+        _checked(cmd)
+    except LibvirtError:
+        if not _exists(lookup, name):
+            raise
 
 
 def process_ids(pid: int) -> ProcessIds:
