@@ -58,8 +58,9 @@ def atr_text(atr: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def libvirtd(request: pytest.FixtureRequest, e2e_dir: Path) -> Iterator[PrivateLibvirtd]:
+def libvirtd(request: pytest.FixtureRequest) -> Iterator[PrivateLibvirtd]:
     require_peers(request.config, "libvirt", missing_libvirt_tools(), LIBVIRT_HOST_PACKAGES)
+    e2e_dir: Path = request.getfixturevalue("e2e_dir")  # only once the peers are there
     os.chmod(e2e_dir, 0o755)  # QEMU (libvirt-qemu) reaches the sockets and files below it
     daemon = PrivateLibvirtd(e2e_dir / "libvirtd")
     daemon.start()
