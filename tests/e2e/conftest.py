@@ -6,11 +6,12 @@
 - ``host_pcscd`` (module): a private pcscd with vpcd on the host (vmc.lab.pcscd), for the
   passthrough tests; needs the pcscd peers too (``--no-pcscd`` skips them).
 - :func:`vmc.lab.guest.boot_guest` for module fixtures: each test module boots one guest
-  (about 6 s under TCG) and its tests share it.
+  (about 6 s under TCG) and its tests share it.  test_libvirt.py has its own ``libvirtd``
+  fixture (a private libvirtd for the module, :mod:`vmc.lab.libvirt`).
 
 On a failing test its module's directory is kept, and the tails of every guest's serial
-console, QEMU's stderr, the guest's pcscd log, the command channel and ``serve.log`` are
-attached to the report.
+console, QEMU's stderr (libvirt's domain log), the guest's pcscd log, the command channel,
+``serve.log`` and the private libvirtd's own log are attached to the report.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import pytest
 from tests.support import require_peers
 from vmc.lab.guest import (
     GUEST_HOST_PACKAGES,
-    Guest,
     GuestImage,
+    SerialGuest,
     build_guest,
     missing_host_tools,
 )
+from vmc.lab.libvirt import PrivateLibvirtd
 from vmc.lab.pcscd import PEER_PACKAGES, PcscdHarness, missing_peers
 from vmc.lab.serve import ServeProcess
 
@@ -90,8 +92,10 @@ def pytest_runtest_makereport(
                 if id(obj) in seen:
                     continue
                 seen.add(id(obj))
-                if isinstance(obj, Guest):
+                if isinstance(obj, SerialGuest):
                     report.sections.append(("guest " + str(obj.workdir), obj.diagnostics()))
+                elif isinstance(obj, PrivateLibvirtd):
+                    report.sections.append(("libvirtd " + str(obj.root), obj.diagnostics()))
                 elif isinstance(obj, ServeProcess):
                     report.sections.append(("ccidemu serve log tail", obj.log_tail(40)))
     return report

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -481,134 +482,61 @@ class CommandResult:
     output: str
 
 
-class Guest:
-    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+class SerialGuest:
+    """A running guest's command channel and log files, whoever runs the VM.
 
-    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
-    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
-    mode the daemon must already listen there when :meth:`start` is called.
-
-    ``readers``: the number of usb-ccid devices, each with its own chardev; the first uses
-    ``vsc_socket``, the others :attr:`vsc_sockets` (``vsc1.sock``, ... beside it).
-    ``share_host``: give the guest the host's files read-only at ``/host`` (9p, with the
-    guest's own ``/proc``, ``/sys``, ``/dev``, ``/tmp`` and ``/run`` mounted inside), so that
-    ``chroot /host`` runs the host's programs next to the guest's devices.
+    The command protocol of :data:`INIT_SCRIPT` (``run()`` shell commands, read the answers)
+    over a byte stream that a subclass moves: it implements :meth:`start`, :meth:`close`,
+    :meth:`_send` and :meth:`_read_some` (which appends what arrived to ``_buffer`` and to the
+    transcript, and raises :class:`GuestError` at the deadline or when the VM is gone).
     """
 
-    def __init__(
-        self,
-        image: GuestImage,
-        workdir: Path,
-        vsc_socket: Path,
-        mode: ChardevMode,
-        *,
-        pcap: Path | None = None,
-        memory_mb: int = 512,
-        spice: SpiceOptions | None = None,
-        readers: int = 1,
-        share_host: bool = False,
-    ) -> None:
-        if (mode is ChardevMode.SPICE) != (spice is not None):
-            raise GuestError("SpiceOptions go with ChardevMode.SPICE, and only with it")
-        if spice is not None and readers != 1:
-            raise GuestError("a SPICE guest has one reader (one spicevmc smartcard chardev)")
-        self.spice = spice
+    #: How :meth:`diagnostics` names the file at ``qemu_log_path``.
+    qemu_log_label = "QEMU stderr"
+
+    def __init__(self, image: GuestImage, workdir: Path, *, memory_mb: int = 512) -> None:
         self.image = image
         self.workdir = workdir
-        self.vsc_socket = vsc_socket
-        self.mode = mode
-        self.pcap = pcap
         self.memory_mb = memory_mb
-        self.share_host = share_host
-        #: one chardev socket per usb-ccid device, the first is ``vsc_socket``
-        self.vsc_sockets = [vsc_socket] + [vsc_socket.with_name(f"vsc{i}.sock")
-                                           for i in range(1, readers)]
         self.console_path = workdir / "console.log"
         self.pcscd_log_path = workdir / "pcscd.log"
         self.qemu_log_path = workdir / "qemu.log"
         self.transcript_path = workdir / "commands.log"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
-        self._selector: selectors.DefaultSelector | None = None
         self.boot_seconds = 0.0
 
-    def qemu_command(self) -> list[str]:
-        spice: list[str] = []
-        devices: list[str] = ["-device", "qemu-xhci,id=xhci"]
-        for i, path in enumerate(self.vsc_sockets):
-            name = "vsc" if i == 0 else f"vsc{i}"
-            if self.mode is ChardevMode.QEMU_SERVER:
-                vsc = f"socket,id={name},path={path},server=on,wait=off"
-            elif self.mode is ChardevMode.QEMU_CLIENT:
-                vsc = f"socket,id={name},path={path},reconnect=1"
-            else:  # one reader: QEMU 7.2 takes one spicevmc smartcard chardev
-                assert self.spice is not None and i == 0
-                vsc = f"spicevmc,id={name},name=smartcard"
-                spice = self.spice.qemu_args(self.workdir)
-            ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap and i == 0 else "")
-            devices += ["-device", ccid, "-chardev", vsc,
-                        "-device", f"ccid-card-passthru,chardev={name}"]
-        append = "console=ttyS0 panic=-1 quiet"
-        if len(self.vsc_sockets) > 1:
-            append += f" ccidemu.readers={len(self.vsc_sockets)}"
-        if self.share_host:
-            devices += ["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on"]
-            append += " ccidemu.host=1"
-        return [
-            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
-            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", append,
-            "-serial", f"file:{self.console_path}",
-            "-serial", "stdio",
-            "-serial", f"file:{self.pcscd_log_path}",
-            *devices, *spice,
-        ]
+    # ----------------------------------------------------------------- for subclasses
 
     def start(self, timeout: float = 60) -> None:
         """Boot; return once pcscd runs and the command channel answers."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = self.qemu_command()
-        logger.info("starting %s", " ".join(cmd))
-        started = time.monotonic()
-        with self.qemu_log_path.open("wb") as qemu_log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
-                start_new_session=True,
-            )
-        assert self._proc.stdout is not None
-        os.set_blocking(self._proc.stdout.fileno(), False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
-        deadline = started + timeout
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the VM (idempotent)."""
+        raise NotImplementedError
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data`` to the guest's command channel (raise GuestError if not running)."""
+        raise NotImplementedError
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        """Wait (until ``deadline``) for bytes from the command channel and keep them."""
+        raise NotImplementedError
+
+    def _received(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        with self.transcript_path.open("ab") as fh:
+            fh.write(chunk)
+
+    def _wait_ready(self, started: float, deadline: float) -> None:
+        """Read until the guest's ``<<<READY>>>`` line; record the boot time."""
         while READY_MARKER.encode() not in self._buffer:
             self._read_some(deadline, "boot")
         self._buffer = self._buffer.split(READY_MARKER.encode() + b"\n", 1)[-1]
         self.boot_seconds = time.monotonic() - started
         logger.info("guest ready in %.1f s", self.boot_seconds)
 
-    def _read_some(self, deadline: float, what: str) -> None:
-        assert self._proc is not None and self._selector is not None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
-        for _key, _ev in self._selector.select(min(remaining, 0.5)):
-            assert self._proc.stdout is not None
-            chunk = self._proc.stdout.read(65536)
-            if chunk:
-                self._buffer += chunk
-                with self.transcript_path.open("ab") as fh:
-                    fh.write(chunk)
-                return
-            if chunk is not None:  # EOF
-                self._proc.wait(timeout=10)
-                raise GuestError(
-                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
-                )
-        if self._proc.poll() is not None:
-            raise GuestError(
-                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
-            )
+    # ----------------------------------------------------------------- commands and logs
 
     def run(self, script: str, timeout: float = 20) -> CommandResult:
         """Run a shell script in the guest (busybox sh, stdout+stderr merged).
@@ -616,14 +544,11 @@ class Guest:
         The guest kills the script after ``timeout`` seconds (status 137); the host waits a
         little longer for the answer and raises :class:`GuestError` if none comes.
         """
-        if self._proc is None or self._proc.stdin is None:
-            raise GuestError("guest is not running")
         secs = max(1, int(timeout + 0.999))
         line = f"{secs} {base64.b64encode(script.encode()).decode()}\n".encode()
         with self.transcript_path.open("ab") as fh:
             fh.write(f"\n### host> {script!r} (timeout {secs} s)\n".encode())
-        self._proc.stdin.write(line)
-        self._proc.stdin.flush()
+        self._send(line)
         deadline = time.monotonic() + secs + 15
         while (m := END_RE.search(self._buffer)) is None:
             self._read_some(deadline, f"command {script!r}")
@@ -674,7 +599,7 @@ class Guest:
         parts = []
         for label, path in (
             ("serial console", self.console_path),
-            ("QEMU stderr", self.qemu_log_path),
+            (self.qemu_log_label, self.qemu_log_path),
             ("pcscd log", self.pcscd_log_path),
             ("command channel", self.transcript_path),
         ):
@@ -682,6 +607,135 @@ class Guest:
                 parts.append(f"--- {label} ({path}), tail:\n"
                              + tail(path.read_bytes().decode("utf-8", "replace"), 25))
         return "\n".join(parts)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Guest(SerialGuest):
+    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+
+    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
+    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
+    mode the daemon must already listen there when :meth:`start` is called; in
+    :attr:`ChardevMode.SPICE` mode (with ``spice``) the chardev is ``spicevmc`` and the
+    ``-spice`` server is QEMU's.
+
+    ``readers``: the number of usb-ccid devices, each with its own chardev; the first uses
+    ``vsc_socket``, the others :attr:`vsc_sockets` (``vsc1.sock``, ... beside it).
+    ``share_host``: give the guest the host's files read-only at ``/host`` (9p, with the
+    guest's own ``/proc``, ``/sys``, ``/dev``, ``/tmp`` and ``/run`` mounted inside), so that
+    ``chroot /host`` runs the host's programs next to the guest's devices.
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        workdir: Path,
+        vsc_socket: Path,
+        mode: ChardevMode,
+        *,
+        pcap: Path | None = None,
+        memory_mb: int = 512,
+        spice: SpiceOptions | None = None,
+        readers: int = 1,
+        share_host: bool = False,
+    ) -> None:
+        if (mode is ChardevMode.SPICE) != (spice is not None):
+            raise GuestError("SpiceOptions go with ChardevMode.SPICE, and only with it")
+        if spice is not None and readers != 1:
+            raise GuestError("a SPICE guest has one reader (one spicevmc smartcard chardev)")
+        super().__init__(image, workdir, memory_mb=memory_mb)
+        self.spice = spice
+        self.vsc_socket = vsc_socket
+        self.mode = mode
+        self.pcap = pcap
+        self.share_host = share_host
+        #: one chardev socket per usb-ccid device, the first is ``vsc_socket``
+        self.vsc_sockets = [vsc_socket] + [vsc_socket.with_name(f"vsc{i}.sock")
+                                           for i in range(1, readers)]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._selector: selectors.DefaultSelector | None = None
+
+    def qemu_command(self) -> list[str]:
+        spice: list[str] = []
+        devices: list[str] = ["-device", "qemu-xhci,id=xhci"]
+        for i, path in enumerate(self.vsc_sockets):
+            name = "vsc" if i == 0 else f"vsc{i}"
+            if self.mode is ChardevMode.QEMU_SERVER:
+                vsc = f"socket,id={name},path={path},server=on,wait=off"
+            elif self.mode is ChardevMode.QEMU_CLIENT:
+                vsc = f"socket,id={name},path={path},reconnect=1"
+            else:  # one reader: QEMU 7.2 takes one spicevmc smartcard chardev
+                assert self.spice is not None and i == 0
+                vsc = f"spicevmc,id={name},name=smartcard"
+                spice = self.spice.qemu_args(self.workdir)
+            ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap and i == 0 else "")
+            devices += ["-device", ccid, "-chardev", vsc,
+                        "-device", f"ccid-card-passthru,chardev={name}"]
+        append = "console=ttyS0 panic=-1 quiet"
+        if len(self.vsc_sockets) > 1:
+            append += f" ccidemu.readers={len(self.vsc_sockets)}"
+        if self.share_host:
+            devices += ["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on"]
+            append += " ccidemu.host=1"
+        return [
+            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
+            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
+            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+            "-append", append,
+            "-serial", f"file:{self.console_path}",
+            "-serial", "stdio",
+            "-serial", f"file:{self.pcscd_log_path}",
+            *devices, *spice,
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        """Boot; return once pcscd runs and the command channel answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = self.qemu_command()
+        logger.info("starting %s", " ".join(cmd))
+        started = time.monotonic()
+        with self.qemu_log_path.open("wb") as qemu_log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
+                start_new_session=True,
+            )
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+        self._wait_ready(started, started + timeout)
+
+    def _send(self, data: bytes) -> None:
+        if self._proc is None or self._proc.stdin is None:
+            raise GuestError("guest is not running")
+        self._proc.stdin.write(data)
+        self._proc.stdin.flush()
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        assert self._proc is not None and self._selector is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
+        for _key, _ev in self._selector.select(min(remaining, 0.5)):
+            assert self._proc.stdout is not None
+            chunk = self._proc.stdout.read(65536)
+            if chunk:
+                self._received(chunk)
+                return
+            if chunk is not None:  # EOF
+                self._proc.wait(timeout=10)
+                raise GuestError(
+                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+                )
+        if self._proc.poll() is not None:
+            raise GuestError(
+                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+            )
 
     def close(self) -> None:
         """Stop QEMU: ``poweroff -f`` in the guest, else SIGTERM, else SIGKILL."""
@@ -706,12 +760,6 @@ class Guest:
                 continue
         if proc.stdout is not None:
             proc.stdout.close()
-
-    def __enter__(self) -> Guest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @contextlib.contextmanager
@@ -765,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 ECHO = "80E0000003010203"
 
 
-def wait_apdus_work(guest: Guest, timeout: float = 20) -> str:
+def wait_apdus_work(guest: SerialGuest, timeout: float = 20) -> str:
     """Send the echo APDU from the guest until it gets the test card's answer."""
     script = (
         f"i=0; while [ $i -lt {int(timeout * 2)} ]; do "

@@ -30,14 +30,16 @@ class ServeProcess:
     socket and optional trace; ``env`` replaces the environment (PCSCLITE_CSOCK_NAME...).
 
     ``mode`` is QEMU's side: :attr:`ChardevMode.QEMU_SERVER` makes the daemon ``--connect``,
-    :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  :meth:`start` may be called again
+    :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  ``vsc_socket`` is a unix socket's
+    path, or a whole address (``"tcp:127.0.0.1:2001"``), or None for none on the command line
+    (VMs from a ``--config`` file in ``extra_args``).  :meth:`start` may be called again
     after :meth:`kill` or :meth:`stop` to restart it with the same arguments.
     """
 
     def __init__(
         self,
         workdir: Path,
-        vsc_socket: Path,
+        vsc_socket: Path | str | None,
         mode: ChardevMode,
         cards: Sequence[str] = ("test:",),
         *,
@@ -66,7 +68,10 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve"]
         if self.mode is not ChardevMode.SPICE:  # (SPICE: --spice HOST:PORT in extra_args)
             flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
-            cmd += [flag, f"unix:{self.vsc_socket}"]
+            if isinstance(self.vsc_socket, Path):
+                cmd += [flag, f"unix:{self.vsc_socket}"]
+            elif self.vsc_socket is not None:
+                cmd += [flag, self.vsc_socket]
             for path in self.more_sockets:
                 cmd += [flag, f"unix:{path}"]
         for card in self.cards:
