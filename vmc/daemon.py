@@ -538,15 +538,20 @@ class Daemon:
                              "user may insert other cards")
         return spec
 
-    def _insert_remove(self, request: dict[str, Any], peer_uid: int | None,
-                       ok: Callable[[Any], None], error: Callable[[BaseException], None]
-                       ) -> None:
+    def _reader_of(self, request: dict[str, Any]) -> tuple[Vm, int]:
+        """The VM and reader index a control request names (``reader`` defaults to 0)."""
         vm = self._vm(request)
         index = request.get("reader", 0)
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError("'reader' must be an integer reader index")
         if not 0 <= index < len(vm.readers):
             raise ValueError(f"vm {vm.name} has no reader {index}")
+        return vm, index
+
+    def _insert_remove(self, request: dict[str, Any], peer_uid: int | None,
+                       ok: Callable[[Any], None], error: Callable[[BaseException], None]
+                       ) -> None:
+        vm, index = self._reader_of(request)
         reader = vm.readers[index]
         if request["cmd"] == "remove":
             if not reader.present:
@@ -583,12 +588,7 @@ class Daemon:
 
     def _touch(self, request: dict[str, Any]) -> dict[str, Any]:
         """``ctl touch``: press the touch button of one reader."""
-        vm = self._vm(request)
-        index = request.get("reader", 0)
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise ValueError("'reader' must be an integer reader index")
-        if not 0 <= index < len(vm.readers):
-            raise ValueError(f"vm {vm.name} has no reader {index}")
+        vm, index = self._reader_of(request)
         button = vm.readers[index].touch
         if not isinstance(button, TouchButton):
             raise ValueError(f"vm {vm.name} reader {index} is touched {vm.config.touch}, not "
