@@ -15,4 +15,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("vmc.commands.certs", "generate test CA, certificates and keys for emulated cards"),
     "vpcd": ("vmc.commands.vpcd", "bridge a card to vsmartcard's vpcd for the host's pcscd"),
     "trace": ("vmc.commands.trace", "import, show, replay, diff and export APDU traces"),
+    "lab": ("vmc.commands.lab",
+            "boot a tiny QEMU guest with a card in its reader: run a command or get a shell"),
 }
