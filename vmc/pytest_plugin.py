@@ -16,12 +16,17 @@ fixture                     what the test gets
 ``ccidemu_vscard``          QEMU's side of the VSCard channel driving a ``ccidemu serve``
                             with the card (:class:`vmc.lab.channel.VscardChannel`); in
                             process, or a subprocess with ``--ccidemu-serve subprocess``
+``ccidemu_qemu_card``       a ``ccidemu serve`` listening for a QEMU VM you boot yourself
+                            with its ``.qemu_args`` (:class:`vmc.lab.channel.QemuCard`)
 ``ccidemu_pcsc``            a PC/SC reader of a private pcscd (socket-activated, vpcd on
                             free ports, never the host's pcscd) holding the card
                             (:class:`PcscReader`); marked ``ccidemu_pcscd``
 ``ccidemu_guest``           the tiny QEMU guest (pcscd, libccid, OpenSC, pcsc-tools) with
                             the card in its reader (:class:`GuestShell`: ``run``,
                             ``check``); one boot per session; marked ``ccidemu_qemu``
+``ccidemu_guest_image``     that guest's kernel and initramfs (built and cached on first
+                            use), e.g. to boot with ``ccidemu_qemu_card``; marked
+                            ``ccidemu_qemu``
 ==========================  ===============================================================
 
 The heavy fixtures skip their test, with the reason on one line, when the host lacks what
@@ -46,8 +51,8 @@ if TYPE_CHECKING:
     from ccidemu.card import Card
     from ccidemu.client import CardSession
     from ccidemu.piv_client import PivClient
-    from vmc.lab.channel import ServeMode, VscardChannel
-    from vmc.lab.guest import CommandResult
+    from vmc.lab.channel import QemuCard, ServeMode, VscardChannel
+    from vmc.lab.guest import CommandResult, GuestImage
     from vmc.lab.pcscd import PcscdHarness
     from vmc.lab.vm import LabVm
 
@@ -86,7 +91,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         names = getattr(item, "fixturenames", ())
         if "ccidemu_pcsc" in names:
             item.add_marker("ccidemu_pcscd")
-        if "ccidemu_guest" in names:
+        if "ccidemu_guest" in names or "ccidemu_guest_image" in names:
             item.add_marker("ccidemu_qemu")
 
 
@@ -166,6 +171,20 @@ def ccidemu_vscard(ccidemu_card_spec: str, ccidemu_serve_mode: ServeMode
     try:
         with open_channel([ccidemu_card_spec], workdir, mode=ccidemu_serve_mode) as channel:
             yield channel
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def ccidemu_qemu_card(ccidemu_card_spec: str) -> Iterator[QemuCard]:
+    """A ``ccidemu serve`` (in this process) listening on a unix socket with the card, for
+    a QEMU VM the test boots itself with ``.qemu_args`` (see docs/TESTING.md)."""
+    from vmc.lab.channel import open_qemu_card
+
+    workdir = _short_dir("ccidemu-vm-")
+    try:
+        with open_qemu_card([ccidemu_card_spec], workdir) as card:
+            yield card
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -327,6 +346,20 @@ def _ccidemu_guest_pool() -> Iterator[_GuestPool]:
         yield pool
     finally:
         pool.close()
+
+
+@pytest.fixture(scope="session")
+def ccidemu_guest_image() -> GuestImage:
+    """The tiny guest's kernel and initramfs (``.kernel``, ``.initrd``), built from this
+    host's Debian packages on first use and cached (``$CCIDEMU_CACHE/guest`` or
+    ``~/.cache/ccidemu/guest``); skips when the host cannot build it."""
+    from vmc.lab.guest import build_guest
+    from vmc.lab.vm import missing_prerequisites
+
+    problem = missing_prerequisites()
+    if problem is not None:
+        pytest.skip(f"ccidemu_guest_image: {problem}")
+    return build_guest()
 
 
 @pytest.fixture

@@ -18,9 +18,16 @@ from types import FrameType
 from typing import Any
 
 from vmc.config import DEFAULT_CARD
+from vmc.lab.errors import LabError
 from vmc.lab.guest import cache_root
 from vmc.lab.progress import TerminalProgress
-from vmc.lab.vm import LabVm, check_card_spec, remove_workdir, short_workdir
+from vmc.lab.vm import (
+    LabVm,
+    check_card_spec,
+    missing_prerequisites,
+    remove_workdir,
+    short_workdir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +90,11 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.verbose == 0 and not args.quiet:
         logging.getLogger("vmc.lab").setLevel(logging.WARNING)
-    check_card_spec(args.card)  # a bad spec fails before anything is built or booted
+    # a bad spec or a missing prerequisite fails before anything is made, built or booted
+    check_card_spec(args.card)
+    problem = missing_prerequisites()
+    if problem is not None:
+        raise LabError(problem)
     workdir = args.workdir or short_workdir()
     progress = TerminalProgress(sys.stderr)
     vm = LabVm(args.card, workdir, cache=args.cache, memory_mb=args.memory)
@@ -103,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             vm.close()
             progress.close()
             if args.workdir is None:
-                if ok and not args.keep:
+                if (ok and not args.keep) or not any(workdir.iterdir()):
                     remove_workdir(workdir)
                 else:
                     print(f"ccidemu lab: logs kept in {workdir}", file=sys.stderr)

@@ -12,6 +12,10 @@ VM (ccid-card-passthru and the usb-ccid slot, :class:`vmc.fakeqemu.FakeQemu`) wi
 
 Every APDU then crosses the VSCard protocol and the daemon's runtime exactly as a guest's
 would (docs/PROTOCOL.md, "VSCard").
+
+For a real VM (your own image): :func:`open_qemu_card` starts ``ccidemu serve --listen`` on a
+unix socket and gives the QEMU options (:func:`qemu_card_args`) that connect a usb-ccid
+reader to it; QEMU reconnects when the daemon restarts.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from vmc.lab.guest import ChardevMode
 from vmc.lab.inprocess import ServeThread
 from vmc.lab.serve import DaemonError, ServeProcess
 
-__all__ = ["ServeMode", "VscardChannel", "open_channel"]
+__all__ = ["QemuCard", "ServeMode", "VscardChannel", "open_channel", "open_qemu_card",
+           "qemu_card_args"]
 
 #: Generous: a loaded CI machine, RSA key generation in the card.
 TIMEOUT = 30.0
@@ -133,3 +138,59 @@ def open_channel(cards: Sequence[str], workdir: Path, *,
             raise LabError(f"ccidemu serve did not bring its card to the fake QEMU: {exc}"
                            + (f"\n{log}" if log else "")) from None
         yield VscardChannel(qemu, serve, atr)
+
+
+def qemu_card_args(socket: Path, name: str = "ccidemu") -> list[str]:
+    """QEMU options for a usb-ccid reader whose card is served on the unix ``socket``
+    (QEMU connects, ``reconnect=1``): an xHCI controller, the reader, the chardev and
+    ccid-card-passthru.  ``name`` prefixes the ids (several readers: several names)."""
+    return [
+        "-device", f"qemu-xhci,id={name}-xhci",
+        "-device", f"usb-ccid,id={name}-ccid,bus={name}-xhci.0",
+        "-chardev", f"socket,id={name},path={socket},reconnect=1",
+        "-device", f"ccid-card-passthru,chardev={name}",
+    ]
+
+
+class QemuCard:
+    """A ``ccidemu serve`` (in this process) listening for a VM's ccid-card-passthru.
+
+    Start the VM with :attr:`qemu_args`; :meth:`connected` says when its QEMU is connected
+    and the card inserted in its reader; ``serve`` takes control requests (``insert``,
+    ``remove``, ``request({"cmd": "stats"})``); :attr:`atr` is the card's ATR.
+    """
+
+    def __init__(self, serve: ServeThread, socket: Path, atr: bytes) -> None:
+        self.serve = serve
+        self.socket = socket
+        self.atr = atr
+        self.qemu_args = qemu_card_args(socket)
+
+    def status(self) -> dict[str, object]:
+        """The VM as ``ccidemu ctl list`` shows it."""
+        found: list[dict[str, object]] = self.serve.request({"cmd": "list"})
+        return found[0]
+
+    def connected(self) -> bool:
+        """QEMU is connected and the card is inserted in its reader."""
+        status = self.status()
+        readers = status.get("readers")
+        return bool(status.get("connected")) and isinstance(readers, list) and bool(
+            readers and readers[0].get("inserted"))
+
+
+@contextlib.contextmanager
+def open_qemu_card(cards: Sequence[str], workdir: Path, *, state_dir: Path | None = None,
+                   trace: Path | None = None) -> Iterator[QemuCard]:
+    """A ``ccidemu serve --listen unix:WORKDIR/card.sock`` with ``cards`` (see
+    :class:`QemuCard`); stopped afterwards."""
+    from ccidemu.cards import CardOptions, open_card
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "card.sock"
+    if len(str(path)) > 100:
+        raise LabError(f"{path}: too long for a unix socket; use a shorter directory")
+    atr = open_card(cards[0], CardOptions()).power_on()
+    with ServeThread(cards=cards, listen=[UnixAddress(path)], state_dir=state_dir,
+                     trace=trace) as serve:
+        yield QemuCard(serve, path, atr)
