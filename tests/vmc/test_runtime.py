@@ -82,7 +82,7 @@ BAD_FILES = [
     pytest.param('[vm.a]\nlisten = "unix:/x"\ncolour = 1\n', ":3: vm.a.colour: unknown setting",
                  id="unknown-key"),
     pytest.param('[vm.a]\nlisten = "unix:/x"\nconnect = "tcp:h:1"\n',
-                 ":1: vm.a: give exactly one of listen or connect", id="both"),
+                 ":1: vm.a: give exactly one of listen, connect or spice", id="both"),
     pytest.param('[vm.a]\n\nlisten = "udp:1"\n', ":3: vm.a.listen: address 'udp:1'",
                  id="bad-address"),
     pytest.param('[vm.a]\nlisten = "unix:/x"\nsocket_mode = "rwx"\n',

@@ -49,7 +49,9 @@ examples:
 
 With --run the output of the command (stdout and stderr merged) goes to stdout, its exit
 status to stderr, and lab exits with that status.  In the shell, Ctrl-C interrupts the
-guest's command and Ctrl-] leaves at once.
+guest's command and Ctrl-] leaves at once; lab exits with the shell's status.  Input that is
+not a terminal is typed into the shell, then 'exit':
+  printf 'pcsc_scan -r\\npkcs15-tool -D\\n' | ccidemu lab
 """
 
 

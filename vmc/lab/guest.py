@@ -679,9 +679,10 @@ class Guest:
         The guest runs busybox ``sh -i`` in a pseudo-terminal of its own (util-linux
         ``script``), so that line editing, echo and Ctrl-C work there while the serial line
         stays raw; ``rows``/``cols`` set its size.  Returns the shell's exit status once it
-        exits (``exit``, or Ctrl-D: end of ``stdin`` sends one), after which :meth:`run`
-        works again; None when the ``escape`` byte (Ctrl-], like telnet's) was read: the
-        shell is left running, and only :meth:`close` is safe then.  Put a terminal
+        exits (``exit`` or Ctrl-D; at the end of a ``stdin`` that is no terminal, ``exit`` is
+        typed: the last command's status), after which :meth:`run` works again; None when
+        the ``escape`` byte (Ctrl-], like telnet's) was read: the shell is left running, and
+        only :meth:`close` is safe then.  Put a terminal
         ``stdin`` into raw mode first (``tty.setraw``) so that keys reach the guest as typed.
         """
         if self._proc is None or self._proc.stdin is None or self._proc.stdout is None:
@@ -726,9 +727,9 @@ class Guest:
                         pending += chunk
                         continue
                     typed = os.read(stdin, 4096)
-                    if not typed:  # end of input: Ctrl-D, as a terminal would send it
-                        selector.unregister(stdin)
-                        typed = b"\x04"
+                    if not typed:  # end of input (a pipe, a file): leave as ``exit`` does,
+                        selector.unregister(stdin)  # with the last command's status
+                        typed = b"\rexit\r"
                     elif escape and escape in typed:
                         self._proc.stdin.write(typed.split(escape, 1)[0])
                         self._proc.stdin.flush()
