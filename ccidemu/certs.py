@@ -24,6 +24,11 @@ the slot certificates), ``attestation-ca.crt`` / ``attestation-ca.key`` (the roo
 signed ``f9.crt``; attestation certificates verify against it) and ``card.toml`` (an
 example card profile naming the same files).  The keys are for tests only: they are
 written unencrypted and must never protect anything real.
+
+``ccidemu certs generate --cac DIR`` (:func:`generate_cac_set`) writes a CAC card's files
+instead (the naming :mod:`ccidemu.cards.cac_files` reads): a test CA and three RSA-2048
+certificates with keys, ``cert1`` to ``cert3``, the PKI applets QEMU's ccid-card-emulated
+and SPICE expect.
 """
 
 from __future__ import annotations
@@ -249,7 +254,7 @@ def profile_example(specs: tuple[SlotSpec, ...] = TEST_SLOTS, attestation: bool 
                       for slot in names)
     return (
         "# ccidemu PIV card profile (use as --card piv:PATH/card.toml).\n"
-        "# Paths are relative to this file.  See fixtures/certs/README.md.\n"
+        "# Paths are relative to this file.  See ccidemu/demo/certs/README.md.\n"
         f'pin = "{DEFAULT_PIN.decode()}"\n'
         f'puk = "{DEFAULT_PUK.decode()}"\n'
         f'management_key = "{DEFAULT_MANAGEMENT_KEY.hex()}"\n'
@@ -311,4 +316,94 @@ def generate_test_set(directory: Path, *, force: bool = False,
             path.chmod(0o600)
         written.append(path)
         log.debug("wrote %s", path)
+    return written
+
+
+#: The CAC card's PKI applets: file stem, common name, usage ("sign": digitalSignature +
+#: clientAuth; "both": also keyEncipherment and emailProtection, so that the encryption key
+#: can sign as well).
+CAC_CERTIFICATES = (
+    ("cert1", "ccidemu CAC Test User (ID)", "sign"),
+    ("cert2", "ccidemu CAC Test User (Signature)", "sign"),
+    ("cert3", "ccidemu CAC Test User (Encryption)", "both"),
+)
+
+CAC_PROFILE = """\
+# ccidemu CAC card profile (use as --card cac:PATH/card.toml); paths relative to this file.
+pin = "123456"
+pin_retries = 3
+label = "ccidemu demo CAC"
+
+[pki.1]
+cert = "cert1.crt"
+key = "cert1.key"
+
+[pki.2]
+cert = "cert2.crt"
+key = "cert2.key"
+
+[pki.3]
+cert = "cert3.crt"
+key = "cert3.key"
+"""
+
+
+def _sign_and_encrypt(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                      key: rsa.RSAPrivateKey, common_name: str) -> x509.Certificate:
+    """A certificate for signing and key transport (RFC 5280 section 4.2.1.3)."""
+    signing = issue_certificate(ca_key, ca_cert, key, common_name, "sign")
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=True,
+        data_encipherment=True, key_agreement=False, key_cert_sign=False, crl_sign=False,
+        encipher_only=False, decipher_only=False)
+    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH,
+                                 ExtendedKeyUsageOID.EMAIL_PROTECTION])
+    builder = (x509.CertificateBuilder().subject_name(signing.subject)
+               .issuer_name(signing.issuer).public_key(key.public_key())
+               .serial_number(signing.serial_number)
+               .not_valid_before(signing.not_valid_before_utc)
+               .not_valid_after(signing.not_valid_after_utc))
+    for extension in signing.extensions:
+        value: x509.ExtensionType = extension.value
+        if isinstance(value, x509.KeyUsage):
+            value = usage
+        elif isinstance(value, x509.ExtendedKeyUsage):
+            value = eku
+        builder = builder.add_extension(value, critical=extension.critical)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def generate_cac_set(directory: Path, *, force: bool = False) -> list[Path]:
+    """Write a CAC card's test CA (``ca.crt``/``ca.key``, ECC P-256), three RSA-2048
+    certificates with keys (:data:`CAC_CERTIFICATES`) and ``card.toml`` into ``directory``.
+
+    Refuses (ConfigError) to overwrite existing files unless ``force``; returns the paths
+    written.  New keys are random: the files change completely.
+    """
+    names = ["ca.crt", "ca.key", "card.toml"]
+    for stem, _, _ in CAC_CERTIFICATES:
+        names += [f"{stem}.crt", f"{stem}.key"]
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in names if (directory / n).exists()]
+    if existing and not force:
+        raise ConfigError(
+            f"{directory}: {', '.join(existing)} already exist (use --force to overwrite)"
+        )
+    ca_key, ca_cert = make_ca("ccidemu CAC Test CA")
+    outputs: dict[str, bytes] = {"ca.crt": cert_pem(ca_cert), "ca.key": key_pem(ca_key)}
+    for stem, common_name, usage in CAC_CERTIFICATES:
+        key = new_private_key("rsa2048")
+        assert isinstance(key, rsa.RSAPrivateKey)
+        cert = (_sign_and_encrypt(ca_key, ca_cert, key, common_name) if usage == "both"
+                else issue_certificate(ca_key, ca_cert, key, common_name, usage))
+        outputs[f"{stem}.crt"] = cert_pem(cert)
+        outputs[f"{stem}.key"] = key_pem(key)
+    outputs["card.toml"] = CAC_PROFILE.encode()
+    written = []
+    for name, data in outputs.items():
+        path = directory / name
+        path.write_bytes(data)
+        if name.endswith(".key"):
+            path.chmod(0o600)
+        written.append(path)
     return written

@@ -2,7 +2,8 @@
 
 ``--card cac:ARGUMENT``:
 
-* ``cac:`` (empty): the demo card, the repository's ``fixtures/cac/`` directory.
+* ``cac:`` (empty): the demo card, shipped as package data (:mod:`ccidemu.demo`; a source
+  checkout's ``fixtures/cac`` points there).
 * ``cac:DIR``: a directory with one set of files per PKI applet, ``cert1`` to ``cert10``
   (numbered from 1 without gaps; ``certN`` is PKI applet N-1, AID A0 00 00 00 79 01 0(N-1)):
   ``certN.crt`` / ``.pem`` / ``.cer`` / ``.der`` (certificate, PEM or DER) with
@@ -44,6 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ccidemu import demo
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions
 from ccidemu.cards.cac import (
@@ -80,8 +82,8 @@ T = TypeVar("T")
 
 
 def demo_directory() -> Path:
-    """The demo card's files: ``fixtures/cac`` of the source tree this module lives in."""
-    return Path(__file__).resolve().parents[2] / "fixtures" / "cac"
+    """The demo card's files (package data, :func:`ccidemu.demo.cac_directory`)."""
+    return demo.cac_directory()
 
 
 @dataclass
@@ -242,8 +244,8 @@ def load_config(argument: str) -> CacConfig:
     if not argument:
         directory = demo_directory()
         if not directory.is_dir():
-            raise ConfigError(f"the demo CAC card needs {directory} (a source checkout); "
-                              "give cac:DIR or cac:PROFILE.toml")
+            raise ConfigError(f"the demo CAC card's files are missing from this installation "
+                              f"({directory}); give cac:DIR or cac:PROFILE.toml")
         config = load_directory(directory)
         config.label = "demo"
         return config

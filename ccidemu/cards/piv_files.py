@@ -2,7 +2,9 @@
 
 ``--card piv:ARGUMENT``:
 
-* ``piv:`` (empty): the demo card, the repository's ``fixtures/certs/`` directory.
+* ``piv:`` (empty): the demo card, shipped as package data (:mod:`ccidemu.demo`; a source
+  checkout's ``fixtures/certs`` points there).  Its serial and CHUID GUID do not depend on
+  where the package is installed.
 * ``piv:DIR``: a directory with files named by slot (key reference in hex, any case):
   ``<slot>.crt`` / ``.pem`` / ``.cer`` / ``.der`` (certificate, PEM or DER) with
   ``<slot>.key`` (private key: PEM or DER, PKCS#8 or traditional, encrypted or not),
@@ -61,6 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from ccidemu import demo
 from ccidemu.card import Card
 from ccidemu.cards import CardOptions
 from ccidemu.cards.piv import (
@@ -118,8 +121,13 @@ TOUCH_POLICIES = {"never": TouchPolicy.NEVER, "always": TouchPolicy.ALWAYS,
 
 
 def demo_directory() -> Path:
-    """The demo card's files: ``fixtures/certs`` of the source tree this module lives in."""
-    return Path(__file__).resolve().parents[2] / "fixtures" / "certs"
+    """The demo card's files (package data, :func:`ccidemu.demo.piv_directory`)."""
+    return demo.piv_directory()
+
+
+#: What the demo card's identity (serial, CHUID GUID) and state file are derived from: a
+#: fixed name rather than its path, so that every installation has the same demo card.
+DEMO_SOURCE = "ccidemu demo PIV card"
 
 
 @dataclass
@@ -254,8 +262,11 @@ def _passphrase_file(path: Path, slot: str) -> bytes:
     return lines[0] if lines else b""
 
 
-def load_directory(directory: Path) -> CardConfig:
-    """A card from ``<slot>.crt``/``.key``/``.p12`` files (see the module docstring)."""
+def load_directory(directory: Path, source: str | None = None) -> CardConfig:
+    """A card from ``<slot>.crt``/``.key``/``.p12`` files (see the module docstring).
+
+    ``source`` (default: the directory's resolved path) keys the state file and derives
+    the default serial and GUID."""
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory")
     by_slot: dict[int, dict[str, Path]] = {}
@@ -295,7 +306,8 @@ def load_directory(directory: Path) -> CardConfig:
         else:
             continue
         state.keys[slot], certs[slot] = _load_slot(name, slot_files, passphrase)
-    source = str(directory.resolve())
+    if source is None:
+        source = str(directory.resolve())
     if not certs:
         log.warning("piv:%s has no slot files (9a.crt and 9a.key, 9c.p12, ...): the card "
                     "starts with no keys or certificates", directory)
@@ -558,9 +570,9 @@ def _load_config(argument: str) -> CardConfig:
     if not argument:
         directory = demo_directory()
         if not directory.is_dir():
-            raise ConfigError(f"the demo PIV card needs {directory} (a source checkout); "
-                              "give piv:DIR or piv:PROFILE.toml")
-        config = load_directory(directory)
+            raise ConfigError(f"the demo PIV card's files are missing from this installation "
+                              f"({directory}); give piv:DIR or piv:PROFILE.toml")
+        config = load_directory(directory, DEMO_SOURCE)
         config.label = "demo"
         return config
     path = Path(argument).expanduser()

@@ -17,10 +17,17 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ccidemu
 from ccidemu.apdu import CommandApdu
 from ccidemu.cards import CardOptions, open_card
 from ccidemu.cards.piv import Origin, PinPolicy, PivCard, TouchPolicy
-from ccidemu.cards.piv_files import demo_directory, load_directory, load_profile, state_path
+from ccidemu.cards.piv_files import (
+    DEMO_SOURCE,
+    demo_directory,
+    load_directory,
+    load_profile,
+    state_path,
+)
 from ccidemu.cards.yubikey import (
     YUBIKEY5_USB_ATR,
     AtrKind,
@@ -205,11 +212,15 @@ def test_profile_errors(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_demo_card_and_fixture_profile() -> None:
-    assert demo_directory() == FIXTURES
+    # the checkout's fixtures/certs points at the package data the demo card is read from
+    assert demo_directory() == FIXTURES.resolve()
+    assert demo_directory().is_relative_to(Path(ccidemu.__file__).resolve().parent)
     demo = _piv(open_card("piv:"))
     assert demo.name == "PIV (demo)"
     assert sorted(demo.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E, 0xF9]
-    assert demo.identity == Identity(serial=default_serial(str(FIXTURES)))
+    # the same identity wherever the package is installed (not derived from its path)
+    assert demo.identity == Identity(serial=default_serial(DEMO_SOURCE))
+    assert demo.identity.serial == 51757879
     profile = _piv(open_card(f"piv:{FIXTURES / 'card.toml'}"))
     assert sorted(profile.state.keys) == [0x9A, 0x9C, 0x9D, 0x9E, 0xF9]
     assert profile.identity.serial == 10203040

@@ -18,4 +18,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "completion": ("vmc.commands.completion", "print a shell completion script"),
     "readers": ("vmc.commands.readers",
                 "list the host's card readers (PC/SC; USB CCID with --usb) for --card"),
+    "lab": ("vmc.commands.lab",
+            "boot a tiny QEMU guest with a card in its reader: run a command or get a shell"),
 }

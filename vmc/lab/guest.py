@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Protocol, Self
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ GUEST_PACKAGES = (
 GUEST_PROGRAMS = (
     "/usr/sbin/pcscd", "/usr/bin/opensc-tool", "/usr/bin/pkcs11-tool", "/usr/bin/pkcs15-tool",
     "/usr/bin/pcsc_scan", "/usr/bin/piv-tool",
+    # Guest.interact(): util-linux's script (bsdutils) makes its pseudo-terminal, coreutils'
+    # env --default-signal undoes the SIGINT a background command starts with ignored
+    # (both Essential; busybox's env stays behind this one)
+    "/usr/bin/script", "/usr/bin/env",
 )
 
 #: Shared objects loaded with dlopen() (ldd cannot see them), installed at the same path.
@@ -202,6 +206,16 @@ def missing_spice_support() -> list[str]:
 # --------------------------------------------------------------------------- image build
 
 
+class BuildProgress(Protocol):
+    """What :func:`build_guest` reports while it builds (``ccidemu lab`` shows it)."""
+
+    def step(self, text: str) -> None:
+        """A new phase of the build begins (``text`` says which)."""
+
+    def transfer(self, done: int, total: int | None) -> None:
+        """``done`` bytes of the kernel package downloaded, of ``total`` (None: unknown)."""
+
+
 @dataclass(frozen=True)
 class GuestImage:
     """A built guest: kernel and initramfs paths (inside the cache)."""
@@ -265,19 +279,69 @@ def _cache_key(kernel_package: str) -> str:
     return f"{kernel_package.removeprefix('linux-image-')}-{h.hexdigest()[:16]}"
 
 
-def _fetch_kernel(kernel_package: str, dest: Path) -> None:
+def _package_size(name: str) -> int | None:
+    """The download size apt knows for a package (``apt-cache show``'s Size), or None."""
+    try:
+        out = subprocess.run(["apt-cache", "show", "--no-all-versions", name],
+                             capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^Size:\s*(\d+)", out, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def _download(kernel_package: str, cwd: Path, progress: BuildProgress | None) -> None:
+    """``apt-get download`` into ``cwd``; with ``progress``, the growing file is reported."""
+    cmd = ["apt-get", "download", "-q", kernel_package]
+    if progress is None:
+        _run(cmd, cwd=cwd, timeout=300)
+        return
+    total = _package_size(kernel_package)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                status = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise GuestError(f"{' '.join(cmd)} timed out after 300 s") from None
+            done = sum(p.stat().st_size for p in cwd.glob(f"{kernel_package}_*.deb*")
+                       if p.is_file())
+            progress.transfer(done, total)
+        if status != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace").strip()
+            raise GuestError(f"{' '.join(cmd)} failed ({status}): {text}")
+    done = sum(p.stat().st_size for p in cwd.glob(f"{kernel_package}_*.deb"))
+    progress.transfer(done, total or done)
+
+
+def _fetch_kernel(kernel_package: str, dest: Path, progress: BuildProgress | None = None
+                  ) -> None:
     """Download and unpack the kernel image and the USB modules into ``dest``."""
     with tempfile.TemporaryDirectory(prefix="ccidemu-kernel-") as tmp_name:
         tmp = Path(tmp_name)
         # apt-get download writes into the current directory; as root it warns that the _apt
         # sandbox user cannot write there, which is harmless.
         os.chmod(tmp, 0o755)
+        if progress is not None:
+            progress.step(f"downloading {kernel_package}")
         try:
-            _run(["apt-get", "download", "-q", kernel_package], cwd=tmp, timeout=300)
+            _download(kernel_package, tmp, progress)
         except GuestError as exc:  # stale package lists: the mirror dropped that version
             logger.info("%s; running apt-get update and retrying", exc)
+            if progress is not None:
+                progress.step("apt-get update (the package lists are stale)")
             _run(["apt-get", "update", "-q"], timeout=300)
-            _run(["apt-get", "download", "-q", kernel_package], cwd=tmp, timeout=300)
+            if progress is not None:
+                progress.step(f"downloading {kernel_package}")
+            _download(kernel_package, tmp, progress)
+        if progress is not None:
+            progress.step("unpacking the kernel and its USB modules")
         debs = sorted(tmp.glob(f"{kernel_package}_*.deb"))
         if not debs:
             raise GuestError(f"apt-get download {kernel_package} produced no .deb")
@@ -376,8 +440,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_guest(cache: Path | None = None, *, force: bool = False) -> GuestImage:
-    """Build (or reuse from the cache) the guest kernel and initramfs."""
+def build_guest(cache: Path | None = None, *, force: bool = False,
+                progress: BuildProgress | None = None) -> GuestImage:
+    """Build (or reuse from the cache) the guest kernel and initramfs.
+
+    ``progress`` is told each phase of a build and the download's progress (nothing when
+    the cached guest is current)."""
     cache = cache or cache_root()
     kernel_package = _kernel_package()
     key = _cache_key(kernel_package)
@@ -389,7 +457,10 @@ def build_guest(cache: Path | None = None, *, force: bool = False) -> GuestImage
             started = time.monotonic()
             work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache))
             try:
-                _fetch_kernel(kernel_package, work)
+                _fetch_kernel(kernel_package, work, progress)
+                if progress is not None:
+                    progress.step("collecting pcscd, libccid, OpenSC, pcsc-tools and their "
+                                  "libraries into the initramfs")
                 _build_initrd(work / "root", work / "modules", work / "initrd.gz")
                 shutil.rmtree(work / "root")
                 work.rename(final)
@@ -737,6 +808,74 @@ class Guest(SerialGuest):
                 f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
             )
 
+    def interact(self, stdin: int, stdout: int, *, rows: int | None = None,
+                 cols: int | None = None, escape: bytes | None = b"\x1d") -> int | None:
+        """An interactive shell in the guest, on the command channel: the bytes read from
+        the file descriptor ``stdin`` are typed into it, its output is written to ``stdout``.
+
+        The guest runs busybox ``sh -i`` in a pseudo-terminal of its own (util-linux
+        ``script``), so that line editing, echo and Ctrl-C work there while the serial line
+        stays raw; ``rows``/``cols`` set its size.  Returns the shell's exit status once it
+        exits (``exit`` or Ctrl-D; at the end of a ``stdin`` that is no terminal, ``exit`` is
+        typed: the last command's status), after which :meth:`run` works again; None when
+        the ``escape`` byte (Ctrl-], like telnet's) was read: the shell is left running, and
+        only :meth:`close` is safe then.  Put a terminal
+        ``stdin`` into raw mode first (``tty.setraw``) so that keys reach the guest as typed.
+        """
+        if self._proc is None or self._proc.stdin is None or self._proc.stdout is None:
+            raise GuestError("guest is not running")
+        size = f"stty rows {int(rows)} cols {int(cols)}\n" if rows and cols else ""
+        script = INTERACTIVE_SCRIPT.replace("SIZE\n", size)
+        line = f"{INTERACTIVE_TIMEOUT} {base64.b64encode(script.encode()).decode()}\n".encode()
+        with self.transcript_path.open("ab") as fh:
+            fh.write(b"\n### host> (interactive shell)\n")
+        self._proc.stdin.write(line)
+        self._proc.stdin.flush()
+        selector = selectors.DefaultSelector()
+        selector.register(self._proc.stdout, selectors.EVENT_READ, "guest")
+        selector.register(stdin, selectors.EVENT_READ, "user")
+        pending, self._buffer = self._buffer, b""
+        try:
+            while True:
+                m = END_RE.search(pending) or _END_AT_START_RE.match(pending)
+                if m:
+                    _write_all(stdout, pending[: m.start()])
+                    self._buffer = pending[m.end():]
+                    return int(m.group(1))
+                cut = _marker_prefix_at(pending)
+                _write_all(stdout, pending[:cut])
+                pending = pending[cut:]
+                events = selector.select(0.5)
+                if not events and pending:  # a lone "<" that stayed alone: not the marker
+                    _write_all(stdout, pending)
+                    pending = b""
+                for key, _ in events:
+                    if key.data == "guest":
+                        chunk = self._proc.stdout.read(65536)
+                        if chunk is None:
+                            continue
+                        if not chunk:
+                            _write_all(stdout, pending)
+                            self._proc.wait(timeout=10)
+                            raise GuestError(f"QEMU exited ({self._proc.returncode}) during "
+                                             f"the interactive shell\n{self.diagnostics()}")
+                        with self.transcript_path.open("ab") as fh:
+                            fh.write(chunk)
+                        pending += chunk
+                        continue
+                    typed = os.read(stdin, 4096)
+                    if not typed:  # end of input (a pipe, a file): leave as ``exit`` does,
+                        selector.unregister(stdin)  # with the last command's status
+                        typed = b"\rexit\r"
+                    elif escape and escape in typed:
+                        self._proc.stdin.write(typed.split(escape, 1)[0])
+                        self._proc.stdin.flush()
+                        return None
+                    self._proc.stdin.write(typed)
+                    self._proc.stdin.flush()
+        finally:
+            selector.close()
+
     def close(self) -> None:
         """Stop QEMU: ``poweroff -f`` in the guest, else SIGTERM, else SIGKILL."""
         proc, self._proc = self._proc, None
@@ -781,6 +920,51 @@ def boot_guest(
         yield guest
     finally:
         guest.close()
+
+
+#: What :meth:`Guest.interact` runs in the guest: ``sh -i`` in a pseudo-terminal (util-linux
+#: ``script``) on the command channel's serial line.  ``script`` gives the pty the line's
+#: settings (so the line is made sane first: the pty then echoes, ends lines with CR LF and
+#: turns Ctrl-C into SIGINT), keeps the line raw while it runs, and ``-e`` exits with the
+#: shell's status; the line is raw again for the command channel afterwards.  The command
+#: loop starts every command in the background, so with SIGINT and SIGQUIT ignored (POSIX
+#: sh without job control), which the shell would keep for what it runs: env resets them,
+#: and Ctrl-C stops the guest's command, not nothing (by its path: busybox sh would run its
+#: own env applet for a bare ``env``).  The line is
+#: the command loop's fd 3, duplicated rather than opened: opening it would make it this
+#: session's controlling terminal, and the kernel hangs up a serial controlling terminal
+#: (every open file of it, the command loop's too) when its session leader exits.
+INTERACTIVE_SCRIPT = r"""grep -qs ' /dev/pts ' /proc/mounts || {
+  mkdir -p /dev/pts && mount -t devpts devpts /dev/pts; }
+exec <&3 >&3 2>&3
+stty sane
+SIZE
+cd /root
+export PS1='ccidemu-guest# ' TERM=vt100 SHELL=/bin/sh
+script -q -e -c '/usr/bin/env --default-signal=INT,QUIT sh -i' /dev/null
+rc=$?
+stty raw -echo
+exit $rc
+"""
+#: The guest's watchdog for an interactive shell: ten days.
+INTERACTIVE_TIMEOUT = 864_000
+#: The end marker at the very start of the output (END_RE wants a newline before it).
+_END_AT_START_RE = re.compile(rb"<<<END:(-?\d+)>>>\n")
+_MARKER_PREFIX_RE = re.compile(rb"<(<(<(E(N(D(:(-?\d*(>(>(>)?)?)?)?)?)?)?)?)?)?")
+
+
+def _marker_prefix_at(data: bytes) -> int:
+    """Where the end of ``data`` could be the start of an end marker cut short (len: nowhere)."""
+    for i in range(max(0, len(data) - 24), len(data)):
+        if data[i] == 0x3C and _MARKER_PREFIX_RE.fullmatch(data, i):
+            return i - 1 if i and data[i - 1] == 0x0A else i
+    return len(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def tail(text: str, lines: int) -> str:
