@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ccidemu.card import BuiltinTestCard
+from ccidemu.vpcd import GetAtr, NoCard, Reset, Transmit, VpcdCardSlot, encode_frame
 from tests.support import opensc_responses
 from vmc.addr import TcpAddress
 from vmc.lab.pcscd import READER, PcscdHarness
@@ -280,3 +281,21 @@ def test_an_answer_that_cannot_be_sent_is_a_reconnect(
     assert logged(caplog, logging.WARNING, r"vpcd connection lost \(send failed: (Broken pipe|"
                   r"Connection reset by peer)\); reconnecting")
     no_traceback(caplog)
+
+
+def test_the_slot_raises_no_card_only_when_it_has_no_atr_to_give() -> None:
+    """The sans-I/O side: a card that never powered on has no ATR, so GET ATR raises NoCard
+    (the adapter closes the connection); once it has given an ATR, a failed reset is logged
+    and GET ATR goes on answering the ATR it has."""
+    card = NoPowerCard()
+    slot = VpcdCardSlot(card)
+    with pytest.raises(NoCard, match=r"card built-in test card \(no power\) did not power on: "
+                       r"RuntimeError: no power " + here("power_on")):
+        slot.handle(GetAtr())
+    assert slot.atr is None
+    card.working.set()
+    assert slot.handle(GetAtr()) == encode_frame(BuiltinTestCard.ATR)
+    card.working.clear()
+    assert slot.handle(Reset()) == b""  # no answer due; logged
+    assert slot.handle(GetAtr()) == encode_frame(BuiltinTestCard.ATR)
+    assert slot.handle(Transmit(COUNT)) == encode_frame(H("6f00"))  # cannot power on for it
