@@ -250,6 +250,8 @@ class VpcdCardSlot:
             if isinstance(event, GetAtr):
                 raise NoCard(f"card {self.card.name} did not power on: "
                              f"{_describe(exc)}") from exc
+            if isinstance(event, PowerOn | Reset):
+                self.powered = False  # a failed reset leaves no card to talk to
             _log_failure(f"card {self.card.name} failed on {describe_event(event)}", exc,
                          "vpcd expects no answer")
         return b""
