@@ -43,3 +43,17 @@ class StatusWordError(CcidemuError):
 
 class CardError(CcidemuError):
     """A card cannot answer at all (reader gone, passthrough card removed, trace exhausted)."""
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line for an exception nobody expected (a bug): its type, message and the place it
+    was raised (``file:line in function``), so that a log line can be reported without a
+    traceback.  The traceback itself belongs at debug level."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    tb = exc.__traceback__
+    if tb is None:
+        return text
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{text} (at {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name})"

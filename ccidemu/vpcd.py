@@ -6,9 +6,10 @@ Spec: frankmorgner/vsmartcard ``virtualsmartcard/doc/api.txt`` and ``src/vpcd/vp
 vpcd (a pcscd reader driver) listens on TCP (35963 for reader "Virtual PCD 00 00"); the card
 connects.  Both directions carry frames of a 2-byte big-endian length followed by that many
 payload bytes.  From vpcd, a 1-byte payload is a control byte (:class:`VpcdControl`): power
-off, power on and reset expect no answer; GET ATR expects the ATR as one frame (an empty ATR
-would mean "no card", and vpcd then drops the connection).  Any other payload is a command
-APDU that expects exactly one frame with the response APDU.
+off, power on and reset expect no answer; GET ATR expects the ATR as one frame.  No frame
+says "no card" (an empty ATR stalls vpcd; docs/PROTOCOL.md, "vpcd"): a card side without a
+card closes the connection.  Any other payload is a command APDU that expects exactly one
+frame with the response APDU.
 
 Theory of operation
 -------------------
@@ -31,7 +32,9 @@ GET ATR, which pcscd polls about every 400 ms to see whether the card is still t
 the remembered ATR without resetting anything (the first GET ATR of a fresh card powers it on
 once, as inserting a card into a reader does).  A card that raises never breaks the stream:
 the answer is 6F00 ("no precise diagnosis", ISO/IEC 7816-4 section 5.6) and the error is
-logged.
+logged in one line (the traceback at debug level).  The one exception: a card that cannot
+power on for the first GET ATR has no ATR to give, so :class:`NoCard` is raised and the
+adapter ends the connection (pcscd then sees an empty reader).
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ from construct import GreedyBytes, Int16ub, Prefixed
 
 from ccidemu._wire import FrameStream, build, check_length
 from ccidemu.card import Card
-from ccidemu.errors import DecodeError, EncodeError
+from ccidemu.errors import CardError, DecodeError, EncodeError, describe_exception
 from ccidemu.sw import SW, sw_bytes
 
 __all__ = [
     "LENGTH_SIZE",
     "MAX_PAYLOAD",
     "GetAtr",
+    "NoCard",
     "PowerOff",
     "PowerOn",
     "Reset",
@@ -199,6 +203,11 @@ class VpcdConnection(FrameStream[VpcdEvent]):
         return encode_frame(payload)
 
 
+class NoCard(CardError):
+    """The card did not power on for vpcd's first GET ATR: there is no ATR to answer with,
+    and vpcd knows "no card" only as a closed connection (see the module docstring)."""
+
+
 class VpcdCardSlot:
     """Drives a card from vpcd events, as a reader drives a real card.
 
@@ -223,7 +232,9 @@ class VpcdCardSlot:
         return atr
 
     def handle(self, event: VpcdEvent) -> bytes:
-        """Apply one event to the card; the framed answer, or b"" when none is due."""
+        """Apply one event to the card; the framed answer, or b"" when none is due.
+
+        NoCard when the card cannot power on for a GET ATR and has never given an ATR."""
         if isinstance(event, Transmit):
             return encode_frame(self._transmit(event.apdu))
         try:
@@ -235,11 +246,14 @@ class VpcdCardSlot:
             else:  # GetAtr
                 atr = self._atr if self._atr is not None else self._power_on()
                 return encode_frame(atr)
-        except Exception:  # a card bug must not break the stream: log it, keep going
-            log.exception("card %s failed on %s", self.card.name, describe_event(event))
+        except Exception as exc:  # a card bug must not break the stream: log it, keep going
             if isinstance(event, GetAtr):
-                # An empty ATR means "no card": vpcd drops the link and we reconnect.
-                return encode_frame(self._atr or b"")
+                raise NoCard(f"card {self.card.name} did not power on: "
+                             f"{_describe(exc)}") from exc
+            if isinstance(event, PowerOn | Reset):
+                self.powered = False  # a failed reset leaves no card to talk to
+            _log_failure(f"card {self.card.name} failed on {describe_event(event)}", exc,
+                         "vpcd expects no answer")
         return b""
 
     def _transmit(self, apdu: bytes) -> bytes:
@@ -247,16 +261,30 @@ class VpcdCardSlot:
             log.debug("APDU on an unpowered card; powering it on first")
             try:
                 self._power_on()
-            except Exception:
-                log.exception("card %s failed to power on", self.card.name)
+            except Exception as exc:
+                _log_failure(f"card {self.card.name} failed to power on", exc, "answered 6F00")
                 return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
         try:
             rapdu = bytes(self.card.transmit(apdu))
-        except Exception:  # CardError or a bug in a card: answer 6F00, keep the bridge up
-            log.exception("card %s failed on APDU %s", self.card.name, apdu[:4].hex().upper())
+        except Exception as exc:  # CardError or a bug in a card: answer 6F00, keep the bridge up
+            _log_failure(f"card {self.card.name} failed on APDU {apdu[:4].hex().upper()}", exc,
+                         "answered 6F00")
             return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
         if not 2 <= len(rapdu) <= MAX_PAYLOAD:
             log.error("card %s answered %d bytes, not a response APDU vpcd can carry",
                       self.card.name, len(rapdu))
             return sw_bytes(SW.NO_PRECISE_DIAGNOSIS)
         return rapdu
+
+
+def _describe(exc: BaseException) -> str:
+    """A card's exception in one line: ours as they are, a bug with where it was raised."""
+    if isinstance(exc, CardError):
+        return f"card error: {exc}"
+    return describe_exception(exc)
+
+
+def _log_failure(what: str, exc: BaseException, outcome: str) -> None:
+    """One error line; the traceback at debug level."""
+    log.error("%s: %s (%s; the bridge goes on)", what, _describe(exc), outcome)
+    log.debug("%s: traceback", what, exc_info=exc)

@@ -100,7 +100,7 @@ def decode_line(line: bytes) -> dict[str, Any]:
     """One JSON object line; ValueError with the reason otherwise."""
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # (bad UTF-8, bad JSON, a huge number)
         raise ValueError(f"not a JSON line: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError("a control message must be a JSON object")
@@ -135,7 +135,9 @@ def control_request(
                 if len(buf) > MAX_LINE:
                     raise ControlError("control answer too long")
         except OSError as exc:
-            raise ControlError(f"control socket {address}: {exc}") from None
+            why = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
+                   else exc.strerror or exc)
+            raise ControlError(f"control socket {address}: {why}") from None
     try:
         answer = decode_line(bytes(buf.split(b"\n", 1)[0]))
     except ValueError as exc:

@@ -47,12 +47,12 @@ from ccidemu.errors import CcidemuError, ConfigError
 from ccidemu.files import DirectoryLock, ensure_private_dir
 from ccidemu.traces import TraceWriter
 from vmc import systemd
-from vmc.addr import parse_address
+from vmc.addr import UnixAddress, parse_address
 from vmc.config import DEFAULT_CARD, DEFAULT_CONNECT, ServeConfig, VmConfig, load_config_file
 from vmc.control import ControlError, check_control_path
 from vmc.runtime.cards import CardHost, Reader
 from vmc.runtime.channel import ChannelStats, VscChannel
-from vmc.runtime.control import ControlServer, Reply
+from vmc.runtime.control import ControlServer, Reply, internal_error
 from vmc.runtime.endpoint import Vm, bind_listen_socket, bind_unix
 from vmc.runtime.loop import Loop
 from vmc.runtime.pool import PoolMember, ReaderPool
@@ -81,7 +81,11 @@ class _Prepared:
     sets: list[tuple[str, ReaderSet]] = field(default_factory=list)
 
     def discard(self) -> None:
+        listen = self.config.listen
         for sock in self.socks:
+            if isinstance(listen, UnixAddress) and not systemd.is_passed(sock):
+                with contextlib.suppress(OSError):
+                    listen.path.unlink()  # we bound it: leave no socket file behind
             with contextlib.suppress(OSError):
                 sock.close()
         if self.lock is not None:
@@ -303,7 +307,8 @@ class Daemon:
                     raise ConfigError(f"vm {config.name}: {exc}") from None
                 # a card that reports its presence is empty until it says otherwise
                 readers.append(Reader(len(readers), spec, card, touch=touch,
-                                      present=not isinstance(card, ReaderEvents)))
+                                      present=not isinstance(card, ReaderEvents),
+                                      owner=f"vm {config.name}"))
             if config.compare is not None:
                 readers[:1] = [self._compared(config, readers)]
             prepared = _Prepared(config, readers, lock, sets=sets)
@@ -335,13 +340,19 @@ class Daemon:
             raise ConfigError(f"vm {config.name}: --compare: {exc}") from None
         first = readers[0]
         return Reader(0, first.spec, ComparingCard(first.card, reference, spec), present=False,
-                      touch=first.touch)
+                      touch=first.touch, owner=first.owner)
 
     def _start_vm(self, prepared: _Prepared) -> Vm:  # loop thread
         vm = Vm(prepared.config, next(self._ids), prepared.readers, self,
                 state_lock=prepared.lock)
         self.vms[vm.name] = vm
-        vm.start(prepared.socks)
+        try:
+            vm.start(prepared.socks)
+        except BaseException:  # (a bug) nothing of the VM stays behind: its name, sockets, lock
+            del self.vms[vm.name]
+            vm.stop_accepting()
+            prepared.discard()
+            raise
         for spec, readers in prepared.sets:
             pool = self._pools.get(spec)
             if pool is None:
@@ -377,10 +388,18 @@ class Daemon:
     def _in_pool(self, work: Callable[[], Any], done: Callable[[Any], None],
                  failed: Callable[[BaseException], None]) -> None:
         """Run ``work`` in the opener pool; ``done``/``failed`` in the loop thread."""
-        def finished(future: Any) -> None:
+        def finished(future: Any) -> None:  # a pool thread
+            self.loop.call_soon(lambda: apply(future))
+
+        def apply(future: Any) -> None:  # the loop thread
             exc = future.exception()
-            self.loop.call_soon(lambda: failed(exc) if exc is not None else done(
-                future.result()))
+            if exc is not None:
+                failed(exc)
+                return
+            try:
+                done(future.result())
+            except Exception as error:  # a bug: the request is answered all the same
+                failed(error)
 
         try:
             self.resolver.submit(work).add_done_callback(finished)
@@ -420,8 +439,10 @@ class Daemon:
         if channel.transport is not None:
             self._bytes[0] += channel.transport.bytes_in
             self._bytes[1] += channel.transport.bytes_out
-        vm.throttle.log(time.monotonic(), logging.INFO, "vm %s: disconnected%s", vm.name,
-                        f": {exc}" if exc is not None else "")
+        why = ""
+        if exc is not None:
+            why = f": {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        vm.throttle.log(time.monotonic(), logging.INFO, "vm %s: disconnected%s", vm.name, why)
 
     # ---------------------------------------------------------------- control
 
@@ -441,6 +462,8 @@ class Daemon:
                 self._handle(request, peer_uid, reply)
             except (ValueError, CcidemuError) as exc:
                 reply({"ok": False, "error": str(exc)})
+            except Exception as exc:
+                internal_error(exc, reply)
 
         self.loop.call_soon(run)
         if not done.wait(timeout):
@@ -457,8 +480,7 @@ class Daemon:
 
         def error(exc: BaseException) -> None:
             if not isinstance(exc, ValueError | CcidemuError):
-                log.error("control request failed: %r", exc, exc_info=exc)
-                reply({"ok": False, "error": f"internal error: {exc!r}"})
+                internal_error(exc, reply)
                 return
             reply({"ok": False, "error": str(exc)})
 

@@ -18,7 +18,8 @@ We are the VSCard *client* (the card side, like libcacard's ``vscclient``); the 
 3. Readers are added one at a time: ``ReaderAdd``, then the answer ``Error(SUCCESS)`` whose
    ``reader_id`` *is* the id the host gave the reader.  Then its ATR is sent (card inserted),
    then the next reader is added.  A refusal (``CANNOT_ADD_MORE_READERS``: QEMU takes one
-   reader per ``usb-ccid``) leaves that reader out.
+   reader per ``usb-ccid``) leaves that reader out; an ATR the host refuses (QEMU checks it)
+   leaves the reader without a card, with a warning that says why.
 4. The host acknowledges ReaderAdd, ReaderRemove, ATR and CardRemove with an ``Error`` each, in
    order, so the engine matches each incoming ``Error`` with the oldest unanswered one of those.
 5. An ``APDU`` from the host is routed by reader id to its reader: a :class:`Transmit` request
@@ -69,6 +70,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ccidemu.atr import qemu_accepts
 from ccidemu.errors import DecodeError
 from ccidemu.redact import Redactor, redact_command
 from ccidemu.trace import TRAFFIC, describe_exchange
@@ -854,9 +856,15 @@ class VscSession:
                 self._info("%s: reader %d: card inserted, ATR %s", self.label, reader.index,
                          (reader.atr or b"").hex().upper())
             else:
+                # QEMU's ccid-card-passthru checks the ATR and refuses one it cannot parse
+                # (docs/PROTOCOL.md, "VSCard"): the guest sees no card in the reader.
                 self.errors += 1
-                self._warn("%s: reader %d: peer rejected the ATR: %s", self.label,
-                            reader.index, _code_name(code))
+                reader.inserted = False
+                atr = reader.atr or b""
+                why = qemu_accepts(atr)
+                self._warn("%s: reader %d: peer rejected the ATR %s: %s; the guest sees no "
+                           "card%s", self.label, reader.index, atr.hex().upper(),
+                           _code_name(code), f" (QEMU refuses it: {why})" if why else "")
         elif not ok:
             self.errors += 1
             self._warn("%s: reader %d: peer answered %s with %s", self.label, reader.index,

@@ -4,7 +4,10 @@ The protocol lives in :mod:`ccidemu.vpcd` (sans-I/O); this module only does the 
 connect to vpcd (TCP, by default 127.0.0.1:35963 = reader "Virtual PCD 00 00"), feed what
 arrives to a :class:`~ccidemu.vpcd.VpcdConnection`, let a :class:`~ccidemu.vpcd.VpcdCardSlot`
 answer, and reconnect with exponential backoff whenever pcscd (and with it vpcd) goes away.
-The card object, and so its state, lives across reconnects.
+The card object, and so its state, lives across reconnects.  A card that cannot power on
+for vpcd's first GET ATR has no ATR to answer with; the bridge closes the connection (pcscd
+then sees an empty reader: docs/PROTOCOL.md, "vpcd"), says so once, and tries again with
+backoff at each reconnection.
 
 Latency (docs/PROTOCOL.md, "vpcd"): Debian 12's vpcd writes the length and the APDU in two
 ``send()`` calls; with Nagle on its side and delayed ACKs on ours every APDU stalls about
@@ -36,6 +39,7 @@ from ccidemu.traces.model import PowerKind
 from ccidemu.traces.writer import TraceWriter
 from ccidemu.vpcd import (
     GetAtr,
+    NoCard,
     PowerOff,
     PowerOn,
     Reset,
@@ -100,6 +104,7 @@ class VpcdBridge:
         #: Requests from vpcd answered, over all connections.
         self.requests = 0
         self._sock: socket.socket | None = None
+        self._no_card: str | None = None  # why the last connection ended: no ATR to give
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -145,6 +150,7 @@ class VpcdBridge:
         """Connect, serve, reconnect; return after ``stop()``."""
         backoff = Backoff(self.backoff_initial, self.backoff_max)
         trouble_logged = False  # warned that vpcd is unreachable or hangs up at once
+        card_logged = False  # said that the card does not power on
         while not self._stopping.is_set():
             try:
                 sock = self._connect()
@@ -168,6 +174,15 @@ class VpcdBridge:
                 sock.close()
             if self._stopping.is_set():
                 break
+            no_card, self._no_card = self._no_card, None
+            if no_card is not None:  # pcscd sees an empty reader until the card powers on
+                if not card_logged:
+                    log.error("%s; pcscd sees no card in the reader; trying again at each "
+                              "reconnection (every %.1f s at most)", no_card, backoff.cap)
+                    card_logged = True
+                self._sleep(backoff.next())
+                continue
+            card_logged = False
             if self.requests > requests:  # a real connection ended (pcscd restarted): back soon
                 backoff.reset()
                 trouble_logged = False
@@ -233,6 +248,9 @@ class VpcdBridge:
                     if reply:
                         sock.sendall(reply)
                     _quickack(sock)
+            except NoCard as exc:  # no ATR to give: closing is how vpcd learns "no card"
+                self._no_card = str(exc)
+                return str(exc)
             except DecodeError as exc:
                 return f"bad frame from vpcd: {exc}"
             except OSError as exc:

@@ -9,8 +9,10 @@ crash loses nothing already answered.  Secrets are redacted with one
 
 A disk error (full disk, I/O error, file removed under a quota) never raises into the
 caller: the writer logs it once, stops writing, and keeps the reason in :attr:`failed`
-(and calls ``on_error`` if given) so that the caller can report it (``ctl stats``).  Only
-opening the file raises (ConfigError), at start-up where the user can fix it.
+(and calls ``on_error`` if given) so that the caller can report it (``ctl stats``); a
+record the disk took only part of is cut off again, so the file stays readable up to the
+last whole record.  Only opening the file and writing its header raise (ConfigError), at
+start-up where the user can fix it.
 
 Times: ``clock`` (default :func:`time.time`) gives epoch seconds; a record's time is
 ``at`` when given (the epoch time the command arrived) else ``clock() - duration``, and is
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from ccidemu.errors import ConfigError
 from ccidemu.files import open_private
 from ccidemu.redact import Redactor
 from ccidemu.traces.jsonl import format_header, format_record
@@ -73,7 +77,13 @@ class TraceWriter:
         #: the --compare card's answers, a stream of their own (made at the first compare)
         self._compare_redactors: dict[tuple[int | None, str | None], Redactor] = {}
         self._file: IO[str] | None = open_private(self.path, "trace file")  # ConfigError
-        self._write(format_header(self.header))
+        try:
+            self._append(format_header(self.header))
+        except OSError as exc:  # at start, where the user can fix it: a full disk, ...
+            self._file.close()
+            self._file = None
+            raise ConfigError(f"cannot write trace file {self.path}: "
+                              f"{exc.strerror or exc}") from None
 
     # --- recording -----------------------------------------------------------------------
 
@@ -155,16 +165,31 @@ class TraceWriter:
             self.records += 1
 
     def _write(self, line: str) -> bool:
-        f = self._file
-        if f is None:
+        if self._file is None:
             return False
         try:
-            f.write(line + "\n")
-            f.flush()
+            self._append(line)
         except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
             self._fail(f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
             return False
         return True
+
+    def _append(self, line: str) -> None:
+        """Write one line straight to the file (no buffer: nothing is held back).  A line the
+        disk took only part of is cut off again, so that the file stays readable up to the
+        last whole record."""
+        assert self._file is not None
+        fd = self._file.fileno()
+        data = memoryview((line + "\n").encode("utf-8"))
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError:
+            if written:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise
 
     def _fail(self, reason: str) -> None:
         self.failed = f"cannot write trace file {self.path}: {reason}"

@@ -45,7 +45,7 @@ from ccidemu.card import (
     ReaderEvents,
     ReaderUnplugged,
 )
-from ccidemu.errors import CardError, CcidemuError
+from ccidemu.errors import CardError, CcidemuError, describe_exception
 from vmc.runtime.loop import Loop
 from vmc.touch import TouchSensor
 
@@ -65,10 +65,13 @@ Failed = Callable[[str], None]
 
 
 def describe_error(exc: BaseException) -> str:
-    """A card exception as the reason a guest's transmit failed (logs and traces)."""
+    """A card exception as the reason a guest's transmit failed (logs and traces); for an
+    exception a card was not meant to raise (a bug), where it was raised too."""
     if isinstance(exc, CardError):
         return f"card error: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, CcidemuError):
+        return f"{type(exc).__name__}: {exc}"
+    return describe_exception(exc)
 
 
 @dataclass
@@ -83,9 +86,10 @@ class Reader:
     """One virtual reader of a VM (see the module docstring).  Loop thread only."""
 
     def __init__(self, index: int, spec: str, card: Card, *, present: bool = True,
-                 touch: TouchSensor | None = None) -> None:
+                 touch: TouchSensor | None = None, owner: str = "") -> None:
         self.index = index
         self.spec = spec
+        self.owner = owner  # for log lines: "vm NAME"
         self.card = card
         #: this reader's touch sensor (vmc.touch; None: touched at once), kept when
         #: ``ctl insert --card`` puts another card in
@@ -111,6 +115,12 @@ class Reader:
         self.card = card
         self._inline = not card.blocking
         self._costly = card.costly if isinstance(card, CostHint) and self._inline else None
+
+    @property
+    def label(self) -> str:
+        """The reader in log lines: ``vm NAME: reader 0 (SPEC)``."""
+        where = f"{self.owner}: " if self.owner else ""
+        return f"{where}reader {self.index} ({self.spec})"
 
     @property
     def idle(self) -> bool:
@@ -155,7 +165,7 @@ class CardHost:
     def power_off(self, reader: Reader) -> None:
         """Power the card off (in order after what is queued); failures are only logged."""
         def quiet(reason: str) -> None:
-            log.warning("reader %s: card power-off failed: %s", reader.spec, reason)
+            log.warning("%s: card power-off failed: %s", reader.label, reason)
 
         self._run(reader, _Job(lambda card: card.power_off(), _ignore, quiet,
                                reader.card.blocking))
@@ -229,18 +239,18 @@ class CardHost:
             return
         reader._generation += 1
         reader._running = False
-        log.error("reader %s: the card did not answer within %.0f s; giving up on that call",
-                  reader.spec, self.timeout)
+        log.error("%s: the card did not answer within %g s; giving up on that call",
+                  reader.label, self.timeout)
         if isinstance(reader.card, Cancellable):
             try:
                 reader.card.cancel()
             except Exception as exc:
-                log.warning("reader %s: cancel failed: %s", reader.spec, describe_error(exc))
+                log.warning("%s: cancel failed: %s", reader.label, describe_error(exc))
         # The stuck thread is abandoned; the next call gets a fresh one.
         if reader._worker is not None:
             reader._worker.shutdown(wait=False)
             reader._worker = None
-        job.failed(f"the card did not answer within {self.timeout:.0f} s")
+        job.failed(f"the card did not answer within {self.timeout:g} s")
         self._next(reader)
 
     def _next(self, reader: Reader) -> None:
@@ -261,7 +271,7 @@ class CardHost:
         try:
             card.watch(notify)
         except Exception as exc:
-            log.error("reader %s: cannot watch the card's presence: %s", reader.spec,
+            log.error("%s: cannot watch the card's presence: %s", reader.label,
                       describe_error(exc))
             return
         reader._watching = True
@@ -279,7 +289,7 @@ class CardHost:
             if not reader.plugged:
                 return
             reader.plugged = reader.present = False
-        log.info("reader %s: %s", reader.spec, _event_text(event))
+        log.info("%s: %s", reader.label, _event_text(event))
         if reader.listener is not None:
             reader.listener(reader, event)
 
@@ -321,8 +331,10 @@ def _event_text(event: ReaderEvent) -> str:
 
 
 def _log_unexpected(reader: Reader, exc: BaseException) -> None:
+    """The traceback of an exception a card was not meant to raise, at debug level: the
+    caller logs the failure itself in one line (with :func:`describe_error`)."""
     if not isinstance(exc, CcidemuError):
-        log.error("reader %s: the card raised %r", reader.spec, exc, exc_info=exc)
+        log.debug("%s: the card raised %r", reader.label, exc, exc_info=exc)
 
 
 def _lower_priority() -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ccidemu.card import CardInserted, CardRemoved, ReaderEvent, ReaderUnplugged
+from ccidemu.errors import describe_exception
 from vmc.runtime.cards import CardHost, Reader, describe_error
 from vmc.runtime.shaping import ResponseShaper
 from vmc.runtime.transport import StreamTransport
@@ -163,33 +164,36 @@ class VscChannel:
     # ---------------------------------------------------------------- transport side
 
     def data_received(self, buffer: bytearray, nbytes: int) -> None:
-        engine = self.engine
-        index = engine.fast_reader(buffer, nbytes) if self.active else -1
-        if index >= 0:
-            command = bytes(buffer[12:nbytes])
-            reader = self._readers[index]
-            shaper = self._shapers[index]
-            kept = shaper.intercept(command) if shaper.pending else None
-            if kept is not None or reader.cheap(command):
-                now = time.monotonic()
-                if kept is not None:  # a part of an answer we split (vmc.runtime.shaping)
-                    out = engine.fast_answer(index, command, kept, now)
-                else:
-                    try:
-                        response = self.host.transmit_inline(reader, command)
-                    except Exception as exc:
-                        out = engine.fast_failed(index, command, describe_error(exc), now)
+        try:
+            engine = self.engine
+            index = engine.fast_reader(buffer, nbytes) if self.active else -1
+            if index >= 0:
+                command = bytes(buffer[12:nbytes])
+                reader = self._readers[index]
+                shaper = self._shapers[index]
+                kept = shaper.intercept(command) if shaper.pending else None
+                if kept is not None or reader.cheap(command):
+                    now = time.monotonic()
+                    if kept is not None:  # a part of an answer we split (vmc.runtime.shaping)
+                        out = engine.fast_answer(index, command, kept, now)
                     else:
-                        out = engine.fast_answer(index, command,
-                                                 self._shaped(index, command, response), now)
-                self.stats.apdus += 1
-                assert self.transport is not None
-                self.transport.write(out)
-                return
-        engine.receive_data(memoryview(buffer)[:nbytes], time.monotonic())
-        if not self.ready:
-            self._check_handshake()
-        self._pump()
+                        try:
+                            response = self.host.transmit_inline(reader, command)
+                        except Exception as exc:
+                            out = engine.fast_failed(index, command, describe_error(exc), now)
+                        else:
+                            out = engine.fast_answer(index, command,
+                                                     self._shaped(index, command, response), now)
+                    self.stats.apdus += 1
+                    assert self.transport is not None
+                    self.transport.write(out)
+                    return
+            engine.receive_data(memoryview(buffer)[:nbytes], time.monotonic())
+            if not self.ready:
+                self._check_handshake()
+            self._pump()
+        except Exception as exc:  # a bug: this connection ends, the others go on
+            self._internal_error(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(exc)
@@ -217,6 +221,12 @@ class VscChannel:
     # ---------------------------------------------------------------- readers
 
     def _reader_event(self, reader: Reader, event: ReaderEvent) -> None:
+        try:
+            self._apply_reader_event(reader, event)
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _apply_reader_event(self, reader: Reader, event: ReaderEvent) -> None:
         if self.dead or reader not in self._readers:
             return
         index = self._readers.index(reader)
@@ -337,5 +347,18 @@ class VscChannel:
     def _card_answer(self, apply: Callable[[], None]) -> None:
         if self.dead:
             return
-        apply()
-        self._pump()
+        try:
+            apply()
+            self._pump()
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A bug met while serving this connection: close it (its VM's cards stay as they
+        are and the next connection is served as usual); other VMs are not touched."""
+        log.error("%s: internal error: %s; closing this connection (other VMs are not "
+                  "affected)", self.label, describe_exception(exc))
+        log.debug("%s: the internal error's traceback", self.label, exc_info=exc)
+        if self.transport is not None:
+            self.transport.abort()
+        self._lost(exc)

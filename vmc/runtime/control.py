@@ -15,12 +15,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ccidemu.errors import CcidemuError
+from ccidemu.errors import CcidemuError, describe_exception
 from vmc.control import MAX_LINE, decode_line, encode_line
 from vmc.runtime.loop import Loop
 from vmc.runtime.transport import Listener, StreamTransport
 
-__all__ = ["ControlServer", "Handler", "Reply"]
+__all__ = ["ControlServer", "Handler", "Reply", "internal_error"]
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,22 @@ class _ControlConnection:
         except (ValueError, CcidemuError) as exc:
             reply({"ok": False, "error": str(exc)})
         except Exception as exc:
-            log.exception("control request failed")
-            reply({"ok": False, "error": f"internal error: {exc!r}"})
+            internal_error(exc, reply)
 
     def _flush(self) -> None:
         while self._answers and self._answers[0]:
             self.transport.write(encode_line(self._answers.popleft()[0]))
         if self.transport.closed:
             self._server.connections.discard(self)
+
+
+def internal_error(exc: BaseException, reply: Reply) -> None:
+    """A request met a bug in the daemon: one log line (the traceback at debug level, -vv)
+    and an answer that says so; the daemon and the connection go on."""
+    text = describe_exception(exc)
+    log.error("control request failed: internal error: %s", text)
+    log.debug("the control request's traceback", exc_info=exc)
+    reply({"ok": False, "error": f"internal error in the daemon: {text} (see its log)"})
 
 
 class ControlServer:

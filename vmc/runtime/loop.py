@@ -20,6 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ccidemu.errors import describe_exception
+
 __all__ = ["READ", "READ_BUFFER_SIZE", "WRITE", "Loop", "Timer"]
 
 log = logging.getLogger(__name__)
@@ -163,8 +165,8 @@ class Loop:
                         continue
                     try:
                         callback(events)
-                    except Exception:
-                        log.exception("unexpected error in the daemon loop")
+                    except Exception as exc:
+                        _unexpected(exc)
                 if timers:
                     now = time.monotonic()
                     while timers and timers[0][0] <= now:
@@ -174,8 +176,8 @@ class Loop:
                 while calls:
                     try:
                         calls.popleft()()
-                    except Exception:
-                        log.exception("unexpected error in the daemon loop")
+                    except Exception as exc:
+                        _unexpected(exc)
         finally:
             self._close()
 
@@ -189,3 +191,10 @@ class Loop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def _unexpected(exc: Exception) -> None:
+    """The last resort for a bug that escaped every component: one line (the traceback at
+    debug level, ``-vv``); the loop goes on serving."""
+    log.error("unexpected error in the daemon loop: %s", describe_exception(exc))
+    log.debug("the unexpected error's traceback", exc_info=exc)

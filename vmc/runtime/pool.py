@@ -128,7 +128,8 @@ class ReaderPool:
     def _give(self, name: str, vm: PoolMember) -> None:
         card = self.set.open(name, self._options_of(vm))
         spec = self.set.spec_of(name)
-        reader = Reader(len(vm.readers), spec, card, present=False)  # until its card says
+        reader = Reader(len(vm.readers), spec, card, present=False,  # until its card says
+                        owner=f"vm {vm.name}")
         self.owner[name] = vm
         self.cards[name] = card
         others = len(self.readers_of(vm)) - 1
