@@ -1,21 +1,17 @@
 """Benchmark the SPICE smartcard channel against the socket chardev (run by hand, real QEMU):
 ``.venv/bin/python -m bench.spice [--apdus 400] [--rounds 3] [--check]``.
 
-One guest, two readers, the same guest-side driver: QEMU gets two ``usb-ccid`` devices, the
-first behind ``-chardev spicevmc,name=smartcard`` (served by tests/e2e/spice_harness.py:
-VscSession + the built-in test card on vmc.spice's transport), the second behind a socket
-chardev (served by ``ccidemu serve --connect``, test card).  Inside the guest ``opensc-tool
--r N -s APDU ...`` sends the trivial echo APDU (``80 E0``) N times in one process, timed with
-the kernel's clock (``now at ... nsecs`` in ``/proc/timer_list``: busybox's ``date`` has no
-nanoseconds); the cost of starting opensc-tool is removed by also timing one APDU.  Rounds
-alternate between the two readers; the best round of each is reported as APDUs/s seen in the
-guest, and their ratio.  ``--check`` exits 1 if SPICE is below 0.8x the socket chardev (the
-target of issue 15).
-
-Until the daemon serves SPICE itself (``ccidemu serve --spice``) the SPICE side is the test
-harness, not the daemon: both sides answer with an inline emulated card, but the paths differ
-(the harness calls the card on the transport's I/O thread; the daemon uses its own loop).
-Figures go into docs/PERFORMANCE.md, section "SPICE".
+One guest, two readers, the same guest-side driver, the daemon on both: QEMU gets two
+``usb-ccid`` devices, the first behind ``-chardev spicevmc,name=smartcard`` (served by
+``ccidemu serve --spice``), the second behind a socket chardev (served by ``ccidemu serve
+--connect``); both with the built-in test card and no ``-v``.  Inside the guest
+``opensc-tool -r N -s APDU ...`` sends the trivial echo APDU (``80 E0``) N times in one
+process, timed with the kernel's clock (``now at ... nsecs`` in ``/proc/timer_list``:
+busybox's ``date`` has no nanoseconds); the cost of starting opensc-tool is removed by also
+timing one APDU.  Rounds alternate between the two readers; the best round of each is
+reported as APDUs/s seen in the guest, and their ratio.  ``--check`` exits 1 if SPICE is
+below 0.8x the socket chardev (the target of issue 15).  Figures go into
+docs/PERFORMANCE.md, section "SPICE".
 """
 
 from __future__ import annotations
@@ -23,13 +19,12 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ccidemu.card import BuiltinTestCard
-from tests.e2e.spice_harness import SpiceCardHost, free_port
 from vmc.lab.guest import (
     ECHO,
     ChardevMode,
@@ -41,7 +36,6 @@ from vmc.lab.guest import (
     missing_spice_support,
 )
 from vmc.lab.serve import ServeProcess
-from vmc.spice import SpiceTarget
 
 
 class TwoReaderGuest(Guest):
@@ -86,6 +80,19 @@ def per_apdu(guest: Guest, reader: int, count: int) -> float:
     return (_timed(guest, reader, count) - _timed(guest, reader, 1)) / (count - 1)
 
 
+def _apdus(daemon: ServeProcess) -> int:
+    """APDUs the daemon's readers have answered (``ctl list``)."""
+    return sum(reader.get("apdus", 0) for vm in daemon.ctl_json("list")
+               for reader in vm.get("readers", []))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--apdus", type=int, default=400, help="APDUs per timed run")
@@ -103,28 +110,27 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         guest = TwoReaderGuest(image, work / "qemu", work / "unused.sock", ChardevMode.SPICE,
                                spice=SpiceOptions(port), socket_path=work / "vsc2.sock")
-        spice_card = BuiltinTestCard("spice")
-        host = SpiceCardHost(SpiceTarget("127.0.0.1", port), spice_card)
+        spice = QuietServe(work / "serve-spice", work / "unused.sock", ChardevMode.SPICE,
+                           cards=["test:"], extra_args=("--spice", f"127.0.0.1:{port}"))
         daemon = QuietServe(work / "serve", work / "vsc2.sock", ChardevMode.QEMU_SERVER,
                             cards=["test:"])
         try:
             guest.start()
-            host.start()
+            spice.start()
             daemon.start()
-            host.wait(lambda h: h.connections >= 1, 60, "SPICE session")
             listing = guest.check(
                 "i=0; until [ $(opensc-tool -l 2>/dev/null | grep -c 'Yes') -ge 2 ]; do "
                 "i=$((i + 1)); [ $i -gt 120 ] && break; sleep 0.25; done; opensc-tool -l", 60)
-            # Which reader index is SPICE's: the one whose APDUs reach our in-process card.
-            before = spice_card.apdu_count
+            # Which reader index is SPICE's: the one whose APDU the SPICE daemon counts.
+            before = _apdus(spice)
             _timed(guest, 0, 1)
-            spice_reader, socket_reader = (0, 1) if spice_card.apdu_count > before else (1, 0)
+            spice_reader, socket_reader = (0, 1) if _apdus(spice) > before else (1, 0)
             results: dict[str, list[float]] = {"spice": [], "socket": []}
             for _ in range(args.rounds):
                 results["spice"].append(per_apdu(guest, spice_reader, args.apdus))
                 results["socket"].append(per_apdu(guest, socket_reader, args.apdus))
         finally:
-            host.stop()
+            spice.stop()
             daemon.stop()
             guest.close()
     best = {name: min(times) for name, times in results.items()}

@@ -32,6 +32,7 @@ from ccidemu.cards import CardOptions
 from ccidemu.errors import ConfigError
 from vmc.addr import Address, UnixAddress, parse_address
 from vmc.spice import SpiceTarget, parse_spice_address, read_password_file
+from vmc.touch import TouchSetting, parse_touch
 
 __all__ = [
     "DEFAULT_CARD",
@@ -50,8 +51,9 @@ DEFAULT_CONNECT = "tcp:127.0.0.1:2001"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GLOBAL_KEYS = {"state_dir", "trace", "trace_secrets", "read_only", "allow_remote",
-                "card_timeout", "vm"}
+                "card_timeout", "touch", "vm"}
 _VM_KEYS = {"listen", "connect", "spice", "cards", "state_dir", "read_only", "allow_remote",
+            "touch",
             "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround",
             "spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
 _SPICE_KEYS = {"spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
@@ -85,6 +87,7 @@ class VmConfig:
     socket: SocketOptions = field(default_factory=SocketOptions)
     #: split answers QEMU 7.2's usb-ccid loses or refuses (vmc.runtime.shaping)
     usb_ccid_workaround: bool = True
+    touch: TouchSetting = field(default_factory=TouchSetting)  # each reader its own sensor
     origin: str = "command line"  # "FILE" for VMs from the config file, "ctl attach"
 
     @property
@@ -121,6 +124,7 @@ class ServeConfig:
     config_file: Path | None = None
     card_timeout: float = 30.0
     usb_ccid_workaround: bool = True
+    touch: TouchSetting = field(default_factory=TouchSetting)  # --touch
     spice: SpiceTarget | None = None  # --spice: one more VM, on a SPICE server
     #: the config file's VMs as last loaded (set by load_config_file / the daemon)
     file_vms: list[VmConfig] = field(default_factory=list)
@@ -153,6 +157,7 @@ class ServeConfig:
                 allow_remote=self.allow_remote,
                 socket=self.socket,
                 usb_ccid_workaround=self.usb_ccid_workaround,
+                touch=self.touch,
             ))
         return vms
 
@@ -294,8 +299,12 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], list[VmConfig]]:
     vms_table = data.get("vm", {})
     if not isinstance(vms_table, dict):
         raise source.error((), "vm", "must be tables [vm.NAME]")
+    if "touch" in data:
+        settings["touch"] = _touch(source, (), data["touch"])
     vms = []
-    defaults = {key: settings.get(key, False) for key in ("read_only", "allow_remote")}
+    defaults: dict[str, Any] = {key: settings.get(key, False)
+                                for key in ("read_only", "allow_remote")}
+    defaults["touch"] = settings.get("touch", TouchSetting())
     for name, table in vms_table.items():
         vms.append(_vm(source, name, table, base, state_dir, defaults))
     if state_dir is not None:
@@ -303,8 +312,18 @@ def load_config_file(path: Path) -> tuple[dict[str, Any], list[VmConfig]]:
     return settings, vms
 
 
+def _touch(source: _Source, where: tuple[str, ...], value: Any) -> TouchSetting:
+    if not isinstance(value, str):
+        raise source.error(where, "touch", 'must be "auto", "delay:SECONDS" or '
+                           '"button[:TIMEOUT]"')
+    try:
+        return parse_touch(value)
+    except ConfigError as exc:
+        raise source.error(where, "touch", str(exc)) from None
+
+
 def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | None,
-        defaults: dict[str, bool]) -> VmConfig:
+        defaults: dict[str, Any]) -> VmConfig:
     where = ("vm", name)
     if not _NAME_RE.match(name):
         raise source.error(where, None, "a VM name is 1-64 letters, digits, '_', '.' or '-'")
@@ -372,6 +391,8 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
         usb_ccid_workaround=(_bool(source, where, "usb_ccid_workaround",
                                    table["usb_ccid_workaround"])
                              if "usb_ccid_workaround" in table else True),
+        touch=(_touch(source, where, table["touch"]) if "touch" in table
+               else defaults["touch"]),
         origin=str(source.path),
     )
 

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from vmc.runtime.endpoint import Vm, bind_listen_socket, bind_unix
 from vmc.runtime.loop import Loop
 from vmc.session import ApduDone
 from vmc.spice import check_one_card
+from vmc.touch import TouchButton
 
 __all__ = ["DEFAULT_CARD", "DEFAULT_CONNECT", "Daemon", "ServeConfig"]
 
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for responses in flight when VMs are removed at shutdown or detach.
 SHUTDOWN_GRACE = 3.0
-_COMMANDS = ("list", "stats", "insert", "remove", "attach", "detach", "reload")
+_COMMANDS = ("list", "stats", "insert", "remove", "touch", "attach", "detach", "reload")
 
 
 @dataclass
@@ -231,9 +232,15 @@ class Daemon:
         if self._control is not None:
             self._control.close()
         for vm in self.vms.values():
-            vm.begin_shutdown()
-            for reader in vm.readers:
-                self.host.retire(reader)  # cancels a stuck blocking call
+            self._retire(vm)
+
+    def _retire(self, vm: Vm) -> None:
+        """Shutting ``vm`` down: stuck blocking calls are cancelled, touch waits end."""
+        vm.begin_shutdown()
+        for reader in vm.readers:
+            if reader.touch is not None:
+                reader.touch.close()
+            self.host.retire(reader)
 
     def _all_finished(self) -> bool:
         return all(vm.finished for vm in self.vms.values())
@@ -272,13 +279,13 @@ class Daemon:
             if config.spice is not None:
                 check_one_card(list(config.cards), f"vm {config.name}: a SPICE endpoint")
             readers = []
-            options = config.card_options()
             for index, spec in enumerate(config.cards):
+                touch = config.touch.sensor()
                 try:
-                    card = open_card(spec, options)
+                    card = open_card(spec, replace(config.card_options(), touch=touch))
                 except ConfigError as exc:
                     raise ConfigError(f"vm {config.name}: {exc}") from None
-                readers.append(Reader(index, spec, card))
+                readers.append(Reader(index, spec, card, touch=touch))
             prepared = _Prepared(config, readers, lock)
             if config.listen is not None:
                 prepared.socks = bind_listen_socket(config)
@@ -296,9 +303,7 @@ class Daemon:
         return vm
 
     def _detach(self, vm: Vm, then: Callable[[], None]) -> None:  # loop thread
-        vm.begin_shutdown()
-        for reader in vm.readers:
-            self.host.retire(reader)
+        self._retire(vm)
         deadline = time.monotonic() + SHUTDOWN_GRACE
 
         def wait() -> None:
@@ -404,6 +409,8 @@ class Daemon:
         elif cmd == "detach":
             vm = self._vm(request)
             self._detach(vm, lambda: ok({"detached": vm.name}))
+        elif cmd == "touch":
+            ok(self._touch(request))
         elif cmd == "reload":
             self._reload(reply)
         else:
@@ -502,7 +509,26 @@ class Daemon:
             ok(vm.describe())
 
         # Opening may take long (a PIV card: tens of ms): never in the loop thread.
-        self._in_pool(lambda: open_card(spec, vm.config.card_options()), opened, error)
+        options = replace(vm.config.card_options(), touch=reader.touch)
+        self._in_pool(lambda: open_card(spec, options), opened, error)
+
+    def _touch(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``ctl touch``: press the touch button of one reader."""
+        vm = self._vm(request)
+        index = request.get("reader", 0)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError("'reader' must be an integer reader index")
+        if not 0 <= index < len(vm.readers):
+            raise ValueError(f"vm {vm.name} has no reader {index}")
+        button = vm.readers[index].touch
+        if not isinstance(button, TouchButton):
+            raise ValueError(f"vm {vm.name} reader {index} is touched {vm.config.touch}, not "
+                             "by a button (serve --touch button, or touch = \"button\")")
+        waiting = button.waiting
+        button.press()
+        log.info("vm %s reader %d: touched%s", vm.name, index,
+                 "" if waiting else " (nothing was waiting: the next request takes it)")
+        return {"vm": vm.name, "reader": index, "waiting": waiting}
 
     def _attach(self, request: dict[str, Any], peer_uid: int | None,
                 ok: Callable[[Any], None], error: Callable[[BaseException], None]) -> None:
@@ -535,6 +561,7 @@ class Daemon:
             allow_remote=self.config.allow_remote,
             socket=self.config.socket,
             usb_ccid_workaround=self.config.usb_ccid_workaround,
+            touch=self.config.touch,
             origin="ctl attach",
         )
         _check_unique([*(vm.config for vm in self.vms.values()), config])

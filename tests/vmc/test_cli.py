@@ -42,6 +42,13 @@ def test_ctl_json_before_or_after_the_action(argv: list[str]) -> None:
     assert build_parser("ctl").parse_args(["ctl", "list"]).json is False
 
 
+@pytest.mark.parametrize("argv", [["ctl", "--control", "unix:/x.sock", "list"],
+                                  ["ctl", "list", "--control", "unix:/x.sock"]])
+def test_ctl_control_before_or_after_the_action(argv: list[str]) -> None:
+    assert build_parser("ctl").parse_args(argv).control == "unix:/x.sock"
+    assert build_parser("ctl").parse_args(["ctl", "list"]).control is None
+
+
 def _one_clear_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr, result.stderr

@@ -24,6 +24,7 @@ from vmc.addr import UnixAddress
 from vmc.config import load_config_file
 from vmc.control import ControlError, control_request
 from vmc.fakeqemu import FakeQemu, FakeQemuListener
+from vmc.touch import TouchMode, TouchSetting
 
 H = bytes.fromhex
 REPO = Path(__file__).resolve().parents[2]
@@ -76,13 +77,28 @@ def test_config_file_vms(tmp: Path) -> None:
     assert bob.state_dir == Path("/var/lib/bob")
 
 
+def test_touch_in_the_config_file(tmp: Path) -> None:
+    config = write(tmp / "serve.toml", """\
+        touch = "delay:1.5"
+        [vm.alice]
+        listen = "unix:/run/a.sock"
+        [vm.bob]
+        listen = "unix:/run/b.sock"
+        touch = "button"
+        """)
+    settings, (alice, bob) = load_config_file(config)
+    assert settings["touch"] == TouchSetting(TouchMode.DELAY, 1.5)
+    assert alice.touch == TouchSetting(TouchMode.DELAY, 1.5)  # the file's default
+    assert bob.touch == TouchSetting(TouchMode.BUTTON, 15.0)
+
+
 BAD_FILES = [
     pytest.param('[vm.a]\nlisten = "unix:/x"\ncards = "piv:"\n', ":3: vm.a.cards: must be a list",
                  id="cards-not-a-list"),
     pytest.param('[vm.a]\nlisten = "unix:/x"\ncolour = 1\n', ":3: vm.a.colour: unknown setting",
                  id="unknown-key"),
     pytest.param('[vm.a]\nlisten = "unix:/x"\nconnect = "tcp:h:1"\n',
-                 ":1: vm.a: give exactly one of listen or connect", id="both"),
+                 ":1: vm.a: give exactly one of listen, connect or spice", id="both"),
     pytest.param('[vm.a]\n\nlisten = "udp:1"\n', ":3: vm.a.listen: address 'udp:1'",
                  id="bad-address"),
     pytest.param('[vm.a]\nlisten = "unix:/x"\nsocket_mode = "rwx"\n',
@@ -96,6 +112,9 @@ BAD_FILES = [
     pytest.param('state_dir = 5\n', ":1: state_dir: must be a path string", id="state-dir-int"),
     pytest.param('[vm.a]\nlisten = "unix:/x"\nread_only = "yes"\n',
                  ":3: vm.a.read_only: must be true or false", id="bool"),
+    pytest.param('touch = 5\n', ':1: touch: must be "auto"', id="touch-int"),
+    pytest.param('[vm.a]\nlisten = "unix:/x"\ntouch = "press"\n',
+                 ":3: vm.a.touch: touch mode 'press' is not auto", id="touch-mode"),
     pytest.param('[vm.a\nlisten = 1\n', "is not valid TOML", id="syntax"),
     pytest.param("x = " + "[" * 2000 + "]" * 2000 + "\n", "", id="deep"),
 ]

@@ -15,6 +15,8 @@ examples:
   ccidemu ctl list                      VMs, their listeners/connections and readers
   ccidemu ctl remove alice              take the card out of vm alice's reader 0
   ccidemu ctl insert 1 --card piv:/etc/ccidemu/other
+  ccidemu ctl touch alice               press the touch button of alice's reader 0
+                                        (serve --touch button)
   ccidemu ctl attach carol --listen unix:/run/ccidemu/carol.sock --card piv:
   ccidemu ctl detach carol              the guest sees its card and reader leave
   ccidemu ctl reload                    re-read serve --config FILE (like SIGHUP)
@@ -41,16 +43,21 @@ def register(subparsers: Any) -> None:
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
         q: argparse.ArgumentParser = real_add(name, **kw)
-        # --json after the action too (ctl list --json), not overriding one given before it
+        # --json and --control after the action too (ctl list --json), not overriding what
+        # was given before it
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the daemon's JSON answer (errors too)")
+        q.add_argument("--control", metavar="ADDR", default=argparse.SUPPRESS,
+                       help="the daemon's control socket")
         return q
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
     sub.add_parser("list", help="VMs, their listeners and connections, and their readers")
     sub.add_parser("stats", help="counters: VMs, sessions, APDUs, bytes, errors, uptime")
     for name, text in (("remove", "remove the card of a reader"),
-                       ("insert", "insert a card into a reader")):
+                       ("insert", "insert a card into a reader"),
+                       ("touch", "press the touch button of a reader (serve --touch "
+                        "button): the key waiting for a touch goes ahead")):
         q = sub.add_parser(name, help=text)
         q.add_argument("vm", metavar="VM", help="VM name or number (see list)")
         q.add_argument("reader", type=int, nargs="?", default=0, metavar="READER",
@@ -120,7 +127,7 @@ def _vm_key(text: str) -> dict[str, Any]:
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     command: str = args.ctl_command
     request: dict[str, Any] = {"cmd": command}
-    if command in ("insert", "remove"):
+    if command in ("insert", "remove", "touch"):
         request.update(_vm_key(args.vm), reader=args.reader)
         if command == "insert" and args.card is not None:
             request["card"] = args.card
@@ -160,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"{key}: {', '.join(value) or '-'}" for key, value in result.items()))
     elif args.ctl_command == "detach":
         print(f"detached {result.get('detached')}")
+    elif args.ctl_command == "touch":
+        print(f"vm {result.get('vm')} reader {result.get('reader')}: touched"
+              + ("" if result.get("waiting") else
+                 " (nothing was waiting: the next touch request takes it)"))
     elif args.ctl_command == "list":
         print(format_sessions(result))
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ccidemu.cards import CardOptions
+from ccidemu.errors import ConfigError
 from vmc import systemd
 from vmc.addr import UnixAddress, parse_address
 from vmc.config import (
@@ -23,6 +24,7 @@ from vmc.config import (
 from vmc.control import parse_control_option
 from vmc.daemon import Daemon
 from vmc.spice import add_spice_arguments, check_one_card, target_from_args
+from vmc.touch import TouchSetting, parse_touch
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--card-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a blocking (passthrough) card that takes longer for one APDU fails "
                    "that APDU (default 30)")
+    p.add_argument("--touch", metavar="MODE", type=_touch, default=TouchSetting(),
+                   help="how a PIV key with a touch policy is touched: auto (at once, the "
+                   "default), delay:SECONDS (after a delay: the client's touch prompt shows), "
+                   "button[:TIMEOUT] (when 'ccidemu ctl touch VM' presses it; no press within "
+                   "TIMEOUT, default 15 s, answers 6985 as a YubiKey does)")
     add_spice_arguments(p)
     p.add_argument("--no-usb-ccid-workaround", dest="usb_ccid_workaround",
                    action="store_false",
@@ -112,6 +119,13 @@ def register(subparsers: Any) -> None:
                    "bytes or over 374, which QEMU 7.2's usb-ccid loses or refuses, goes out "
                    "in parts through 61xx / GET RESPONSE (docs/PROTOCOL.md)")
     p.set_defaults(func=run)
+
+
+def _touch(text: str) -> TouchSetting:
+    try:
+        return parse_touch(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -143,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         config_file=args.config,
         card_timeout=args.card_timeout,
         usb_ccid_workaround=args.usb_ccid_workaround,
+        touch=args.touch,
         spice=spice,
     )
 

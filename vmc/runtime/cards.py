@@ -47,6 +47,7 @@ from ccidemu.card import (
 )
 from ccidemu.errors import CardError, CcidemuError
 from vmc.runtime.loop import Loop
+from vmc.touch import TouchSensor
 
 __all__ = ["DEFAULT_TIMEOUT", "CardHost", "Reader", "describe_error"]
 
@@ -81,10 +82,14 @@ class _Job:
 class Reader:
     """One virtual reader of a VM (see the module docstring).  Loop thread only."""
 
-    def __init__(self, index: int, spec: str, card: Card, *, present: bool = True) -> None:
+    def __init__(self, index: int, spec: str, card: Card, *, present: bool = True,
+                 touch: TouchSensor | None = None) -> None:
         self.index = index
         self.spec = spec
         self.card = card
+        #: this reader's touch sensor (vmc.touch; None: touched at once), kept when
+        #: ``ctl insert --card`` puts another card in
+        self.touch = touch
         self.present = present  # a card is in the reader
         self.plugged = True  # the reader exists (a host reader can be unplugged)
         self.name = f"ccidemu reader {index}"

@@ -329,6 +329,9 @@ class Vm:
             else:
                 entry.update(reader_id=None, state="offline", present=reader.present,
                              inserted=False, apdus=0, plugged=reader.plugged)
+            if reader.touch is not None:
+                entry["touch"] = str(self.config.touch)
+                entry["touch_waiting"] = bool(getattr(reader.touch, "waiting", False))
             readers.append(entry)
         listening = self.listener is not None and not self.listener.closed
         waiting = None
