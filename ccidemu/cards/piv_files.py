@@ -634,7 +634,8 @@ def state_from_json(data: Any, initial: PivState) -> PivState:
     state.puk = bytes.fromhex(data["puk"])
     for name in ("pin_retries", "puk_retries", "pin_left", "puk_left"):
         value = data[name]
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+        lowest = 0 if name.endswith("_left") else 1  # a maximum of 0 tries is no PIN
+        if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= 255:
             raise ValueError(f"{name} {value!r} out of range")
         setattr(state, name, value)
     if not valid_reference(state.pin) or not valid_reference(state.puk):

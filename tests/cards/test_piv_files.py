@@ -355,7 +355,9 @@ def test_damaged_state_loads_or_is_a_config_error(field: str, value: object) -> 
     for key in ("pin", "puk", "pin_retries", "puk_retries", "pin_left", "puk_left",
                 "management_key", "management_algorithm"):
         assert saved[key] == damaged[key] and type(saved[key]) is type(GOOD_STATE[key]), key
-    assert 0 <= state.pin_left <= state.pin_retries <= 15
+    # SET PIN RETRIES and profiles allow 1 to 255 tries
+    assert 0 <= state.pin_left <= state.pin_retries <= 255 and state.pin_retries >= 1
+    assert 0 <= state.puk_left <= state.puk_retries <= 255 and state.puk_retries >= 1
 
 
 def test_crash_before_rename_keeps_the_old_state(tmp_path: Path,

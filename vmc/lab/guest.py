@@ -370,11 +370,34 @@ def build_guest(cache: Path | None = None, *, force: bool = False) -> GuestImage
                 work.rename(final)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            for old in cache.iterdir():  # keep the cache to the one current guest
-                if old.is_dir() and old.name != key and not old.name.startswith(".build-"):
-                    shutil.rmtree(old, ignore_errors=True)
             logger.info("built guest %s in %.1f s", key, time.monotonic() - started)
+        (final / ".used").touch()
+        _prune(cache, key)
     return GuestImage(kernel=final / "vmlinuz", initrd=final / "initrd.gz", key=key)
+
+
+#: A cached guest not used for this long is removed; so are all but the newest few.  Another
+#: checkout (another version of this file, another key) may be booting one right now: never
+#: remove a guest just because it is not this checkout's.
+CACHE_UNUSED_DAYS = 7
+CACHE_KEEP = 4
+
+
+def _prune(cache: Path, key: str) -> None:
+    """Remove guests unused for CACHE_UNUSED_DAYS, and all but the CACHE_KEEP newest (with
+    the cache lock held)."""
+    def used(path: Path) -> float:
+        stamp = path / ".used"
+        return (stamp if stamp.exists() else path).stat().st_mtime
+
+    entries = [p for p in cache.iterdir()
+               if p.is_dir() and p.name != key and not p.name.startswith(".build-")]
+    entries.sort(key=used, reverse=True)
+    cutoff = time.time() - CACHE_UNUSED_DAYS * 86400
+    for index, old in enumerate(entries):
+        if index >= CACHE_KEEP - 1 or used(old) < cutoff:
+            logger.info("removing the cached guest %s (not used lately)", old.name)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- running
