@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ccidemu.cards import CardOptions
 
 
 @runtime_checkable
@@ -78,11 +81,43 @@ class ReaderEvents(Protocol):
 
     def watch(self, notify: Callable[[ReaderEvent], None]) -> None:
         """Start reporting: ``notify`` may be called from any thread, at any time, until
-        :meth:`unwatch`.  The current state is not reported; the caller powers the card on."""
+        :meth:`unwatch`.  The first report is the current state (CardInserted when a card is
+        in the reader, else CardRemoved or ReaderUnplugged): until it comes the reader counts
+        as empty.  A report of the state the caller already has is ignored.  The caller
+        powers the card on; :meth:`watch` may be called again after :meth:`unwatch` (the
+        card passes to another VM)."""
         ...
 
     def unwatch(self) -> None:
         """Stop reporting (and release what watching needed).  Idempotent."""
+        ...
+
+
+class ReaderSet(Protocol):
+    """Many readers behind one spec (``pcsc:*``): the readers present now and those plugged
+    in later.  Not a card: the daemon asks it for one card per reader it reports."""
+
+    @property
+    def name(self) -> str:
+        """What the set is, e.g. ``"every PC/SC reader"``."""
+        ...
+
+    def watch(self, notify: Callable[[str], None]) -> None:
+        """Report the name of every reader there now and of each one that appears later, each
+        once (from any thread) until :meth:`unwatch`."""
+        ...
+
+    def unwatch(self) -> None:
+        """Stop reporting.  Idempotent."""
+        ...
+
+    def open(self, reader: str, options: CardOptions) -> Card:
+        """The card of reader ``reader`` (a name :meth:`watch` reported), opened with the
+        receiving VM's card options; no I/O."""
+        ...
+
+    def spec_of(self, reader: str) -> str:
+        """The one-card spec of that reader (``pcsc:NAME``), for listings and traces."""
         ...
 
 

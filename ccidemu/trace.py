@@ -49,6 +49,10 @@ class TraceRecord:
     duration: float
     redacted: bool = False
     error: str | None = None
+    #: ``serve --compare``: the reference card's answer when it differed from the card's
+    compare: bytes | None = None
+    #: ``serve --compare``: the reference card could not answer
+    compare_error: str | None = None
 
 
 def format_record(
@@ -86,6 +90,8 @@ def _record(exchange: Exchange, start: float) -> TraceRecord:
         duration=exchange.duration or 0.0,
         redacted=exchange.redacted,
         error=exchange.error,
+        compare=exchange.compare,
+        compare_error=exchange.compare_error,
     )
 
 

@@ -35,6 +35,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(option, action="store_true", default=False,
                         help=f"skip the {kind} tests instead of failing when their peers are "
                         f"missing (also {variable}=1)")
+    group.addoption("--usb-reader", metavar="VID:PID[:SERIAL]", default=None,
+                    help="a physical USB CCID reader (with a card in it, pcscd stopped) for "
+                    "the tests marked 'hardware' (also CCIDEMU_USB_READER); without it they "
+                    "skip")
 
 
     group = parser.getgroup("ccidemu test order")

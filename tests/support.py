@@ -4,7 +4,8 @@ Real peers (QEMU, pcscd with vpcd, OpenSC, ...) are installed by the README's te
 missing one is a failure, naming what is missing.  An explicit opt-out skips them instead, and
 the end of the run says so in its summary: ``--no-qemu`` / ``CCIDEMU_NO_QEMU=1`` for the QEMU
 guest tests, ``--no-pcscd`` / ``CCIDEMU_NO_PCSCD=1`` for the real-client tests, ``--no-libcacard`` /
-``CCIDEMU_NO_LIBCACARD=1`` for the side-by-side tests with the real libcacard.
+``CCIDEMU_NO_LIBCACARD=1`` for the side-by-side tests with the real libcacard, ``--no-libvirt`` /
+``CCIDEMU_NO_LIBVIRT=1`` for the tests under a private libvirtd (tests/e2e/test_libvirt.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ TEST_ATR_TEXT = ":".join(f"{b:02x}" for b in BuiltinTestCard.ATR)
 
 #: Peer kind -> (pytest option, environment variable) that opt out of its tests.
 OPT_OUTS = {"qemu": ("--no-qemu", "CCIDEMU_NO_QEMU"), "pcscd": ("--no-pcscd", "CCIDEMU_NO_PCSCD"),
-            "libcacard": ("--no-libcacard", "CCIDEMU_NO_LIBCACARD")}
+            "libcacard": ("--no-libcacard", "CCIDEMU_NO_LIBCACARD"),
+            "libvirt": ("--no-libvirt", "CCIDEMU_NO_LIBVIRT")}
 
 #: (kind, reason) of every peer group skipped in this run, for the terminal summary.
 SKIPPED_PEERS: list[tuple[str, str]] = []

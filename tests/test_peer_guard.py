@@ -18,6 +18,7 @@ CASES = [
     pytest.param("tests/pcscd/test_vpcd_testcard.py", "CCIDEMU_PCSCD", "pcscd", id="pcscd"),
     pytest.param("tests/cards/test_cac_libcacard.py", "CCIDEMU_GCC", "libcacard",
                  id="libcacard"),
+    pytest.param("tests/e2e/test_libvirt.py", "CCIDEMU_LIBVIRTD", "libvirt", id="libvirt"),
 ]
 
 

@@ -16,7 +16,9 @@ fi
 # Runtime and test peers: QEMU + busybox build the tiny guest; pcscd, libccid, OpenSC,
 # pcsc-tools, vpcd and yubico-piv-tool are the real clients the tests talk to;
 # libpcsclite-dev, gcc, python3-dev and swig build pyscard; libcacard-dev, pkg-config and
-# libnss3-tools (certutil, pk12util) let the CAC tests drive the real libcacard side by side.
+# libnss3-tools (certutil, pk12util) let the CAC tests drive the real libcacard side by side;
+# libvirt-daemon, its qemu driver and libvirt-clients (virsh) run the guest under a private
+# libvirtd (tests/e2e/test_libvirt.py; no service is started by installing them).
 if ((RUNTIME)); then
   PACKAGES=(python3 python3-venv libssl3)
 else
@@ -24,6 +26,7 @@ PACKAGES=(
   python3 python3-venv python3-dev gcc swig libpcsclite-dev openssl
   qemu-system-x86 busybox-static pcscd libccid opensc pcsc-tools vsmartcard-vpcd yubico-piv-tool
   libcacard-dev pkg-config libnss3-tools
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 fi
 

@@ -55,6 +55,7 @@ _GLOBAL_KEYS = {"state_dir", "trace", "trace_secrets", "read_only", "allow_remot
 _VM_KEYS = {"listen", "connect", "spice", "cards", "state_dir", "read_only", "allow_remote",
             "touch",
             "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround",
+            "pcsc_exclusive", "pcsc_allow", "compare",
             "spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
 _SPICE_KEYS = {"spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
 
@@ -88,6 +89,12 @@ class VmConfig:
     #: split answers QEMU 7.2's usb-ccid loses or refuses (vmc.runtime.shaping)
     usb_ccid_workaround: bool = True
     touch: TouchSetting = field(default_factory=TouchSetting)  # each reader its own sensor
+    #: pcsc: cards hold their reader exclusively
+    pcsc_exclusive: bool = False
+    #: pcsc: the readers this VM may get (regular expressions searched in the names)
+    pcsc_allow: tuple[str, ...] = ()
+    #: a reference card every APDU of reader 0 also goes to (vmc.backends.compare)
+    compare: str | None = None
     origin: str = "command line"  # "FILE" for VMs from the config file, "ctl attach"
 
     @property
@@ -101,7 +108,8 @@ class VmConfig:
         return "listen" if self.listen else "connect" if self.connect else "spice"
 
     def card_options(self) -> CardOptions:
-        return CardOptions(state_dir=self.state_dir, read_only=self.read_only)
+        return CardOptions(state_dir=self.state_dir, read_only=self.read_only,
+                           exclusive=self.pcsc_exclusive, allow_readers=self.pcsc_allow)
 
 
 @dataclass
@@ -126,6 +134,9 @@ class ServeConfig:
     usb_ccid_workaround: bool = True
     touch: TouchSetting = field(default_factory=TouchSetting)  # --touch
     spice: SpiceTarget | None = None  # --spice: one more VM, on a SPICE server
+    pcsc_exclusive: bool = False
+    pcsc_allow: tuple[str, ...] = ()
+    compare: str | None = None
     #: the config file's VMs as last loaded (set by load_config_file / the daemon)
     file_vms: list[VmConfig] = field(default_factory=list)
 
@@ -158,11 +169,28 @@ class ServeConfig:
                 socket=self.socket,
                 usb_ccid_workaround=self.usb_ccid_workaround,
                 touch=self.touch,
+                pcsc_exclusive=self.pcsc_exclusive,
+                pcsc_allow=self.pcsc_allow,
+                compare=self.compare,
             ))
         return vms
 
     def all_vms(self) -> list[VmConfig]:
         return self.command_line_vms() + list(self.file_vms)
+
+
+def check_patterns(patterns: object, what: str = "pcsc_allow") -> tuple[str, ...]:
+    """A list of regular expressions (reader names); ConfigError naming the bad one."""
+    if not isinstance(patterns, list | tuple) or not all(
+            isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"{what} must be a list of regular expressions, e.g. [\"^Yubico\"]")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{what}: {pattern!r} is not a regular expression ({exc})"
+                              ) from None
+    return tuple(patterns)
 
 
 def _safe_name(text: str) -> str:
@@ -393,6 +421,10 @@ def _vm(source: _Source, name: str, table: Any, base: Path, state_dir: Path | No
                              if "usb_ccid_workaround" in table else True),
         touch=(_touch(source, where, table["touch"]) if "touch" in table
                else defaults["touch"]),
+        pcsc_exclusive=(_bool(source, where, "pcsc_exclusive", table["pcsc_exclusive"])
+                        if "pcsc_exclusive" in table else False),
+        pcsc_allow=_patterns(source, where, table),
+        compare=_compare(source, where, table),
         origin=str(source.path),
     )
 
@@ -425,6 +457,26 @@ def _spice_target(source: _Source, where: tuple[str, ...], table: dict[str, Any]
         return SpiceTarget(host, port, tls_port, ca_file, subject, password)
     except ConfigError as exc:
         raise source.error(where, "spice", str(exc)) from None
+
+
+def _patterns(source: _Source, where: tuple[str, ...], table: dict[str, Any]
+              ) -> tuple[str, ...]:
+    if "pcsc_allow" not in table:
+        return ()
+    try:
+        return check_patterns(table["pcsc_allow"], "pcsc_allow")
+    except ConfigError as exc:
+        raise source.error(where, "pcsc_allow", str(exc).removeprefix("pcsc_allow")
+                           .lstrip(": ")) from None
+
+
+def _compare(source: _Source, where: tuple[str, ...], table: dict[str, Any]) -> str | None:
+    if "compare" not in table:
+        return None
+    value = table["compare"]
+    if not isinstance(value, str) or ":" not in value:
+        raise source.error(where, "compare", 'must be a card spec, e.g. "piv:DIR"')
+    return value
 
 
 def _path(source: _Source, table: tuple[str, ...], key: str, value: Any, base: Path) -> Path:

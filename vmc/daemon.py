@@ -16,6 +16,10 @@ control server.  Other threads only post work to it:
 
 Start-up opens every VM's cards and binds every listen socket before anything is served, so
 a bad ``--card``, an unusable state directory or a busy address is one clear error at once.
+A card spec that names a set of readers (``pcsc:*``) opens no card: the set's
+:class:`~vmc.runtime.pool.ReaderPool` (one per spec, shared by every VM naming it) gives each
+host reader to one VM as it appears.  ``--compare SPEC`` wraps a VM's first card so that each
+APDU also goes to that reference card (:mod:`vmc.backends.compare`).
 Each VM's card state lives in its own state directory (``state_dir/<name>`` for a config
 file's VMs), locked for the daemon's lifetime: two VMs, or two daemons, never write one state
 file.  Stopping removes every card and reader from every guest (after the responses in
@@ -37,8 +41,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ccidemu.card import Card, CardInserted, CardRemoved
-from ccidemu.cards import open_card
+from ccidemu.card import Card, CardInserted, CardRemoved, ReaderEvents, ReaderSet
+from ccidemu.cards import CardOptions, is_reader_set, open_card, open_reader_set
 from ccidemu.errors import CcidemuError, ConfigError
 from ccidemu.files import DirectoryLock, ensure_private_dir
 from ccidemu.traces import TraceWriter
@@ -51,6 +55,7 @@ from vmc.runtime.channel import ChannelStats, VscChannel
 from vmc.runtime.control import ControlServer, Reply
 from vmc.runtime.endpoint import Vm, bind_listen_socket, bind_unix
 from vmc.runtime.loop import Loop
+from vmc.runtime.pool import PoolMember, ReaderPool
 from vmc.session import ApduDone
 from vmc.spice import check_one_card
 from vmc.touch import TouchButton
@@ -72,6 +77,8 @@ class _Prepared:
     readers: list[Reader]
     lock: DirectoryLock | None
     socks: list[Any] = field(default_factory=list)
+    #: reader sets the VM's cards name (pcsc:*): spec, and a set object the daemon may use
+    sets: list[tuple[str, ReaderSet]] = field(default_factory=list)
 
     def discard(self) -> None:
         for sock in self.socks:
@@ -97,6 +104,7 @@ class Daemon:
         self.started_at = time.monotonic()
         self._ids = itertools.count(1)
         self._trace: TraceWriter | None = None
+        self._pools: dict[str, ReaderPool] = {}  # reader-set spec -> its pool
         self._control: ControlServer | None = None
         self._control_path: Path | None = None
         self._file_vms: list[VmConfig] = []
@@ -207,6 +215,8 @@ class Daemon:
                 time.sleep(0.01)
             with contextlib.suppress(TimeoutError):
                 self.loop.call_in_loop(self._finish_all)
+            for pool in list(self._pools.values()):  # its threads end; its cards let go
+                pool.close()
             # let the last writes (CardRemove, ReaderRemove) go out
             deadline = time.monotonic() + SHUTDOWN_GRACE
             while time.monotonic() < deadline:
@@ -278,15 +288,25 @@ class Daemon:
                         "would write one state file (give each its own card files)")
             if config.spice is not None:
                 check_one_card(list(config.cards), f"vm {config.name}: a SPICE endpoint")
-            readers = []
-            for index, spec in enumerate(config.cards):
-                touch = config.touch.sensor()
+            readers: list[Reader] = []
+            sets: list[tuple[str, ReaderSet]] = []
+            options = config.card_options()
+            for spec in config.cards:
+                touch = None
                 try:
-                    card = open_card(spec, replace(config.card_options(), touch=touch))
+                    if is_reader_set(spec):
+                        sets.append((spec, open_reader_set(spec, options)))
+                        continue
+                    touch = config.touch.sensor()
+                    card = open_card(spec, replace(options, touch=touch))
                 except ConfigError as exc:
                     raise ConfigError(f"vm {config.name}: {exc}") from None
-                readers.append(Reader(index, spec, card, touch=touch))
-            prepared = _Prepared(config, readers, lock)
+                # a card that reports its presence is empty until it says otherwise
+                readers.append(Reader(len(readers), spec, card, touch=touch,
+                                      present=not isinstance(card, ReaderEvents)))
+            if config.compare is not None:
+                readers[:1] = [self._compared(config, readers)]
+            prepared = _Prepared(config, readers, lock, sets=sets)
             if config.listen is not None:
                 prepared.socks = bind_listen_socket(config)
             return prepared
@@ -295,12 +315,46 @@ class Daemon:
                 lock.release()
             raise
 
+    @staticmethod
+    def _compared(config: VmConfig, readers: list[Reader]) -> Reader:
+        """Reader 0 with its card wrapped for ``--compare`` (the reference card is opened in
+        memory: it never writes state)."""
+        from vmc.backends.compare import ComparingCard
+
+        spec = config.compare
+        assert spec is not None
+        if not readers:
+            raise ConfigError(f"vm {config.name}: --compare needs a card to compare (the VM's "
+                              "first --card), not only a set of readers such as pcsc:*")
+        if is_reader_set(spec) or spec in config.cards:
+            raise ConfigError(f"vm {config.name}: --compare {spec}: give another card than the "
+                              "VM's own, e.g. piv:DIR")
+        try:
+            reference = open_card(spec, CardOptions(read_only=True))
+        except ConfigError as exc:
+            raise ConfigError(f"vm {config.name}: --compare: {exc}") from None
+        first = readers[0]
+        return Reader(0, first.spec, ComparingCard(first.card, reference, spec), present=False,
+                      touch=first.touch)
+
     def _start_vm(self, prepared: _Prepared) -> Vm:  # loop thread
         vm = Vm(prepared.config, next(self._ids), prepared.readers, self,
                 state_lock=prepared.lock)
         self.vms[vm.name] = vm
         vm.start(prepared.socks)
+        for spec, readers in prepared.sets:
+            pool = self._pools.get(spec)
+            if pool is None:
+                pool = self._pools[spec] = ReaderPool(
+                    self.loop, spec, readers, _vm_options, self._off_loop)
+            pool.join(vm)
         return vm
+
+    def _off_loop(self, work: Callable[[], None]) -> None:
+        try:
+            self.resolver.submit(work)
+        except RuntimeError:  # shutting down: do it here
+            work()
 
     def _detach(self, vm: Vm, then: Callable[[], None]) -> None:  # loop thread
         self._retire(vm)
@@ -313,6 +367,8 @@ class Daemon:
             vm.finish()
             if self.vms.get(vm.name) is vm:
                 del self.vms[vm.name]
+            for pool in self._pools.values():  # its host readers go to the VMs left
+                pool.leave(vm)
             log.info("vm %s: detached", vm.name)
             then()
 
@@ -334,9 +390,18 @@ class Daemon:
     # ---------------------------------------------------------------- what VMs report
 
     def trace(self, vm: Vm, done: ApduDone) -> None:
-        if self._trace is not None:
-            self._trace.exchange(done.command, done.response, reader=done.reader, session=vm.id,
-                                 duration=done.duration, error=done.error)
+        if self._trace is None:
+            return
+        compare = compare_error = None
+        if done.reader < len(vm.readers):
+            take = getattr(vm.readers[done.reader].card, "take", None)
+            comparison = take(done.command) if callable(take) else None
+            if comparison is not None and comparison.differs:
+                compare, compare_error = comparison.reference, comparison.error
+        self._trace.exchange(done.command, done.response, reader=done.reader, session=vm.id,
+                             duration=done.duration, error=done.error,
+                             compare=compare if compare_error is None else None,
+                             compare_error=compare_error)
 
     def trace_power(self, vm: Vm, kind: str, reader: int, atr: bytes | None = None) -> None:
         """A power or presence event of a reader (the card really powered on, off, taken
@@ -457,11 +522,15 @@ class Daemon:
                 return vm
         raise ValueError(f"no session {sid}")
 
-    def _check_spec(self, spec: Any, peer_uid: int | None) -> str | None:
+    def _check_spec(self, spec: Any, peer_uid: int | None, *, one_card: bool = False
+                    ) -> str | None:
         if spec is None:
             return None
         if not isinstance(spec, str) or not spec:
             raise ValueError("'card' must be a card spec string")
+        if one_card and is_reader_set(spec):
+            raise ValueError(f"{spec} names every reader, not one card: give it to a VM "
+                             "(--card, cards, ctl attach), not to one reader")
         served = {s for vm in self.vms.values() for s in vm.config.cards}
         served |= set(self.config.cards)
         if peer_uid is not None and peer_uid != os.geteuid() and spec not in served:
@@ -469,15 +538,20 @@ class Daemon:
                              "user may insert other cards")
         return spec
 
-    def _insert_remove(self, request: dict[str, Any], peer_uid: int | None,
-                       ok: Callable[[Any], None], error: Callable[[BaseException], None]
-                       ) -> None:
+    def _reader_of(self, request: dict[str, Any]) -> tuple[Vm, int]:
+        """The VM and reader index a control request names (``reader`` defaults to 0)."""
         vm = self._vm(request)
         index = request.get("reader", 0)
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValueError("'reader' must be an integer reader index")
         if not 0 <= index < len(vm.readers):
             raise ValueError(f"vm {vm.name} has no reader {index}")
+        return vm, index
+
+    def _insert_remove(self, request: dict[str, Any], peer_uid: int | None,
+                       ok: Callable[[Any], None], error: Callable[[BaseException], None]
+                       ) -> None:
+        vm, index = self._reader_of(request)
         reader = vm.readers[index]
         if request["cmd"] == "remove":
             if not reader.present:
@@ -488,7 +562,7 @@ class Daemon:
             return
         if reader.present:
             raise ValueError(f"reader {index} already has a card")
-        spec = self._check_spec(request.get("card"), peer_uid)
+        spec = self._check_spec(request.get("card"), peer_uid, one_card=True)
         if spec is None:
             self.host.set_presence(reader, CardInserted())
             self.trace_power(vm, "insert", index)
@@ -514,12 +588,7 @@ class Daemon:
 
     def _touch(self, request: dict[str, Any]) -> dict[str, Any]:
         """``ctl touch``: press the touch button of one reader."""
-        vm = self._vm(request)
-        index = request.get("reader", 0)
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise ValueError("'reader' must be an integer reader index")
-        if not 0 <= index < len(vm.readers):
-            raise ValueError(f"vm {vm.name} has no reader {index}")
+        vm, index = self._reader_of(request)
         button = vm.readers[index].touch
         if not isinstance(button, TouchButton):
             raise ValueError(f"vm {vm.name} reader {index} is touched {vm.config.touch}, not "
@@ -562,6 +631,8 @@ class Daemon:
             socket=self.config.socket,
             usb_ccid_workaround=self.config.usb_ccid_workaround,
             touch=self.config.touch,
+            pcsc_exclusive=self.config.pcsc_exclusive,
+            pcsc_allow=self.config.pcsc_allow,
             origin="ctl attach",
         )
         _check_unique([*(vm.config for vm in self.vms.values()), config])
@@ -630,6 +701,11 @@ class Daemon:
             self._in_pool(lambda: self._prepare(config), started, failed)
 
         step()
+
+
+def _vm_options(vm: PoolMember) -> CardOptions:
+    assert isinstance(vm, Vm)
+    return vm.config.card_options()
 
 
 def _raise_descriptor_limit(vms: int) -> None:

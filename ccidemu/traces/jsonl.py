@@ -108,9 +108,14 @@ def format_record(record: Record) -> str:
         obj["response"] = record.response.hex()
         if record.duration is not None:
             obj["duration"] = _round(record.duration)
+        if record.compare is not None:
+            obj["compare"] = record.compare.hex()
+        if record.compare_error is not None:
+            obj["compare_error"] = record.compare_error
         if record.redacted:
             obj["redacted"] = [part for part, cut in (("command", record.command_redacted),
-                                                      ("response", record.response_redacted))
+                                                      ("response", record.response_redacted),
+                                                      ("compare", record.compare_redacted))
                                if cut]
         if record.truncated:
             obj["truncated"] = True
@@ -224,25 +229,28 @@ def _parse_header(obj: dict[str, Any]) -> TraceHeader:
         secrets=_flag(obj, "secrets"), version=version, extra=extra)
 
 
-def _redaction(obj: dict[str, Any]) -> tuple[bool, bool]:
+def _redaction(obj: dict[str, Any]) -> tuple[bool, bool, bool]:
     value = obj.get("redacted")
     if value is None:
-        return False, False
-    if not isinstance(value, list) or not all(p in ("command", "response") for p in value):
-        raise _Bad("'redacted' must be a list of \"command\", \"response\"")
-    return "command" in value, "response" in value
+        return False, False, False
+    if (not isinstance(value, list)
+            or not all(p in ("command", "response", "compare") for p in value)):
+        raise _Bad("'redacted' must be a list of \"command\", \"response\", \"compare\"")
+    return "command" in value, "response" in value, "compare" in value
 
 
 def _parse_apdu(obj: dict[str, Any]) -> Exchange:
     command = _hex(obj, "command")
     response = _hex(obj, "response")
     assert command is not None and response is not None
-    cut_command, cut_response = _redaction(obj)
+    cut_command, cut_response, cut_compare = _redaction(obj)
     return Exchange(
         command=command, response=response, t=_number(obj, "t"),
         duration=_number(obj, "duration", minimum=0), reader=_reader(obj),
         session=_session(obj), command_redacted=cut_command, response_redacted=cut_response,
-        truncated=_flag(obj, "truncated"), error=_text(obj, "error"))
+        truncated=_flag(obj, "truncated"), error=_text(obj, "error"),
+        compare=_hex(obj, "compare", optional=True), compare_redacted=cut_compare,
+        compare_error=_text(obj, "compare_error"))
 
 
 def _parse_power(obj: dict[str, Any]) -> PowerEvent:

@@ -99,10 +99,16 @@ class Exchange:
     response_redacted: bool = False
     truncated: bool = False
     error: str | None = None
+    #: ``serve --compare``: the reference card's answer, recorded only when it differed
+    #: from ``response`` (redacted like a response: ``compare_redacted``)
+    compare: bytes | None = None
+    compare_redacted: bool = False
+    #: ``serve --compare``: the reference card could not answer
+    compare_error: str | None = None
 
     @property
     def redacted(self) -> bool:
-        return self.command_redacted or self.response_redacted
+        return self.command_redacted or self.response_redacted or self.compare_redacted
 
     @property
     def sw(self) -> int | None:

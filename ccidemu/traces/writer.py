@@ -70,6 +70,8 @@ class TraceWriter:
         #: Records written (header excluded).
         self.records = 0
         self._redactors: dict[tuple[int | None, str | None], Redactor] = {}
+        #: the --compare card's answers, a stream of their own (made at the first compare)
+        self._compare_redactors: dict[tuple[int | None, str | None], Redactor] = {}
         self._file: IO[str] | None = open_private(self.path, "trace file")  # ConfigError
         self._write(format_header(self.header))
 
@@ -85,9 +87,15 @@ class TraceWriter:
         duration: float = 0.0,
         at: float | None = None,
         error: str | None = None,
+        compare: bytes | None = None,
+        compare_error: str | None = None,
     ) -> None:
         """Record one exchange (``response`` b"" with ``error`` when the card could not
-        answer); redacted unless the writer was made with ``secrets=True``."""
+        answer); redacted unless the writer was made with ``secrets=True``.
+
+        ``compare`` / ``compare_error`` (``serve --compare``): the reference card's differing
+        answer, or why it had none; redacted as a response of its own stream.
+        """
         if self._file is None:
             return
         name = None if reader is None else str(reader)
@@ -95,12 +103,23 @@ class TraceWriter:
         if redactor is None:
             redactor = self._redactors[(session, name)] = Redactor(self.secrets)
         shown = redactor.exchange(bytes(command), bytes(response))
+        shown_compare = None
+        other = self._compare_redactors.get((session, name))
+        if other is None and compare is not None:
+            other = self._compare_redactors[(session, name)] = Redactor(self.secrets)
+        if other is not None:  # an answer equal to the card's is not given: it is response
+            seen = other.exchange(bytes(command), bytes(response if compare is None
+                                                        else compare)).response
+            shown_compare = seen if compare is not None else None
         when = (self._clock() - duration) if at is None else at
         self.write(Exchange(
             command=shown.command, response=shown.response, t=when - self.start,
             duration=duration, reader=name, session=session,
             command_redacted=len(shown.command) != len(command),
-            response_redacted=len(shown.response) != len(response), error=error))
+            response_redacted=len(shown.response) != len(response), error=error,
+            compare=shown_compare,
+            compare_redacted=compare is not None and shown_compare != bytes(compare),
+            compare_error=compare_error))
 
     def power(
         self,
@@ -119,9 +138,10 @@ class TraceWriter:
         if self._file is None:
             return
         name = None if reader is None else str(reader)
-        redactor = self._redactors.get((session, name))
-        if redactor is not None:
-            redactor.reset()
+        for redactors in (self._redactors, self._compare_redactors):
+            redactor = redactors.get((session, name))
+            if redactor is not None:
+                redactor.reset()
         when = self._clock() if at is None else at
         self.write(PowerEvent(kind=PowerKind(kind), t=when - self.start, reader=name,
                               session=session, atr=None if atr is None else bytes(atr),

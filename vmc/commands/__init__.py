@@ -16,4 +16,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vpcd": ("vmc.commands.vpcd", "bridge a card to vsmartcard's vpcd for the host's pcscd"),
     "trace": ("vmc.commands.trace", "import, show, replay, diff and export APDU traces"),
     "completion": ("vmc.commands.completion", "print a shell completion script"),
+    "readers": ("vmc.commands.readers",
+                "list the host's card readers (PC/SC; USB CCID with --usb) for --card"),
 }

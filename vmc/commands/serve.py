@@ -17,6 +17,7 @@ from vmc.config import (
     DEFAULT_CONNECT,
     ServeConfig,
     SocketOptions,
+    check_patterns,
     parse_group,
     parse_owner,
     parse_socket_mode,
@@ -49,11 +50,23 @@ examples:
   many VMs from a file (see docs/CONFIG.md; 'ccidemu ctl reload' or SIGHUP re-reads it):
     ccidemu serve --config /etc/ccidemu/serve.toml
 
+  a real card in a host reader, through pcscd ('ccidemu readers' lists them):
+    ccidemu serve --listen unix:/run/ccidemu/vm1.sock --card 'pcsc:Yubico YubiKey'
+  every host reader, one per VM endpoint (each endpoint its own usb-ccid in QEMU):
+    ccidemu serve --listen unix:/run/a.sock --listen unix:/run/b.sock --card 'pcsc:*'
+  a USB CCID reader without pcscd (stop pcscd first: it takes every CCID reader):
+    ccidemu serve --listen unix:/run/ccidemu/vm1.sock --card usb:08e6:3437
+  a real card compared APDU by APDU with the emulated PIV card (differences in the log and
+  with --trace in the trace):
+    ccidemu serve --card pcsc:0 --compare piv:/etc/ccidemu/expected --trace cmp.jsonl
+
 One VM per --connect/--listen; each --card is one reader of that VM.  QEMU's
 ccid-card-passthru takes one reader per usb-ccid device: for two readers give the VM two
 usb-ccid devices with two chardevs (two --listen/--connect addresses).
 Cards:  --card piv:DIR, --card cac:DIR (the CAC card libcacard / ccid-card-emulated give
-guests, from cert1.crt + cert1.key ...), --card cac: (the demo CAC card), --card test:
+guests, from cert1.crt + cert1.key ...), --card cac: (the demo CAC card), --card test:,
+--card pcsc:NAME|INDEX|REGEX, --card 'pcsc:*' (every PC/SC reader, present and plugged in
+later, each given to one VM: the VM with the fewest so far), --card usb:VID:PID[:SERIAL]
 """
 
 
@@ -113,6 +126,16 @@ def register(subparsers: Any) -> None:
                    "button[:TIMEOUT] (when 'ccidemu ctl touch VM' presses it; no press within "
                    "TIMEOUT, default 15 s, answers 6985 as a YubiKey does)")
     add_spice_arguments(p)
+    p.add_argument("--pcsc-exclusive", action="store_true",
+                   help="pcsc: cards hold their reader exclusively (default: shared with the "
+                   "host's other PC/SC programs)")
+    p.add_argument("--pcsc-allow", action="append", default=[], metavar="REGEX",
+                   help="the PC/SC readers the VMs may get (a regular expression searched in "
+                   "the reader's name; repeatable; default: any)")
+    p.add_argument("--compare", metavar="SPEC",
+                   help="give every APDU of each VM's first card also to this card (e.g. "
+                   "piv:DIR, opened in memory) and report the APDUs whose answers differ, in "
+                   "the log and in the trace")
     p.add_argument("--no-usb-ccid-workaround", dest="usb_ccid_workaround",
                    action="store_false",
                    help="send every answer as the card gave it; by default an answer of 54 "
@@ -159,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         usb_ccid_workaround=args.usb_ccid_workaround,
         touch=args.touch,
         spice=spice,
+        pcsc_exclusive=args.pcsc_exclusive,
+        pcsc_allow=check_patterns(args.pcsc_allow, "--pcsc-allow"),
+        compare=args.compare,
     )
 
 

@@ -41,6 +41,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ QEMU = os.environ.get("CCIDEMU_QEMU", "qemu-system-x86_64")  # override to test 
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 
 #: Bump when the guest's layout or /init changes in a way the cache key would not see.
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 #: Packages whose files go into the initramfs; their versions key the cache.
 GUEST_PACKAGES = (
@@ -80,6 +81,10 @@ GUEST_DATA = (
 
 #: Loaded in this order with busybox insmod (the kernel package has no modules.dep).
 KERNEL_MODULES = ("usb-common", "usbcore", "xhci-hcd", "xhci-pci")
+#: The 9p modules for :attr:`Guest.share_host` (docs/PROTOCOL.md, "A real QEMU guest"), in
+#: load order; always in the initramfs, loaded only when the kernel command line asks.
+HOST_SHARE_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+                      "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p")
 
 READY_MARKER = "<<<READY>>>"
 END_RE = re.compile(rb"\n<<<END:(-?\d+)>>>\n")
@@ -97,9 +102,26 @@ mkdir -p /run/pcscd /root /var
 ln -s /run /var/run
 say() { echo "ccidemu-guest: $*"; }
 for m in MODULES; do insmod /modules/$m.ko || say "insmod $m failed"; done
+# The host's files, read-only, at /host (Guest(share_host=True)): a chroot there runs the
+# host's programs next to the guest's devices.
+if grep -qw ccidemu.host=1 /proc/cmdline; then
+  for m in SHARE_MODULES; do insmod /modules/$m.ko || say "insmod $m failed"; done
+  mkdir -p /host
+  if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host; then
+    mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys &&
+      mount -o bind /dev /host/dev && mount -t tmpfs tmpfs /host/tmp &&
+      mount -t tmpfs tmpfs /host/run || say "mounts under /host failed"
+  else
+    say "mounting the host's files failed"
+  fi
+fi
+# as many usb-ccid devices as the command line says (ccidemu.readers=N, default 1): pcscd
+# sees only those there when it starts (no udevd for hotplug)
+want=1
+for arg in $(cat /proc/cmdline); do case $arg in ccidemu.readers=*) want=${arg#*=};; esac; done
 i=0
-until grep -qs 08e6 /sys/bus/usb/devices/*/idVendor; do
-  i=$((i + 1)); [ $i -gt 400 ] && { say "no usb-ccid device after 20 s"; break; }
+until [ $(cat /sys/bus/usb/devices/*/idVendor 2>/dev/null | grep -c 08e6) -ge $want ]; do
+  i=$((i + 1)); [ $i -gt 400 ] && { say "fewer than $want usb-ccid devices after 20 s"; break; }
   sleep 0.05
 done
 stty -F /dev/ttyS1 raw -echo
@@ -238,7 +260,8 @@ def _cache_key(kernel_package: str) -> str:
     for name in GUEST_PACKAGES:
         h.update(f"{name}={_package_version(name)}\n".encode())
     h.update(INIT_SCRIPT.encode())
-    h.update(repr((GUEST_PROGRAMS, GUEST_PLUGINS, GUEST_DATA, KERNEL_MODULES)).encode())
+    h.update(repr((GUEST_PROGRAMS, GUEST_PLUGINS, GUEST_DATA, KERNEL_MODULES,
+                   HOST_SHARE_MODULES)).encode())
     return f"{kernel_package.removeprefix('linux-image-')}-{h.hexdigest()[:16]}"
 
 
@@ -262,8 +285,8 @@ def _fetch_kernel(kernel_package: str, dest: Path) -> None:
             ["sh", "-c", f"dpkg-deb --fsys-tarfile '{debs[0]}' | tar -t"], timeout=120
         ).splitlines()
         wanted = [n for n in names if re.search(r"/boot/vmlinuz-", n)]
-        for mod in KERNEL_MODULES:
-            hits = [n for n in names if re.search(rf"/kernel/drivers/usb/.*/{mod}\.ko(\.xz)?$", n)]
+        for mod in (*KERNEL_MODULES, *HOST_SHARE_MODULES):
+            hits = [n for n in names if re.search(rf"/kernel/.*/{mod}\.ko(\.xz)?$", n)]
             if not hits:
                 raise GuestError(f"kernel package {kernel_package} has no module {mod}")
             wanted.append(hits[0])
@@ -279,7 +302,8 @@ def _fetch_kernel(kernel_package: str, dest: Path) -> None:
         shutil.copyfile(unpacked / wanted[0], dest / "vmlinuz")
         modules = dest / "modules"
         modules.mkdir()
-        for mod, member in zip(KERNEL_MODULES, wanted[1:], strict=True):
+        for mod, member in zip((*KERNEL_MODULES, *HOST_SHARE_MODULES), wanted[1:],
+                               strict=True):
             data = (unpacked / member).read_bytes()
             if member.endswith(".xz"):
                 data = lzma.decompress(data)  # busybox insmod cannot read .ko.xz
@@ -329,7 +353,8 @@ def _build_initrd(root: Path, modules: Path, out: Path) -> None:
             _install(root, data)
     shutil.copytree(modules, root / "modules")
     init = root / "init"
-    init.write_text(INIT_SCRIPT.replace("MODULES", " ".join(KERNEL_MODULES)))
+    init.write_text(INIT_SCRIPT.replace("SHARE_MODULES", " ".join(HOST_SHARE_MODULES))
+                    .replace("MODULES", " ".join(KERNEL_MODULES)))
     init.chmod(0o755)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
@@ -457,110 +482,61 @@ class CommandResult:
     output: str
 
 
-class Guest:
-    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+class SerialGuest:
+    """A running guest's command channel and log files, whoever runs the VM.
 
-    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
-    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
-    mode the daemon must already listen there when :meth:`start` is called.
+    The command protocol of :data:`INIT_SCRIPT` (``run()`` shell commands, read the answers)
+    over a byte stream that a subclass moves: it implements :meth:`start`, :meth:`close`,
+    :meth:`_send` and :meth:`_read_some` (which appends what arrived to ``_buffer`` and to the
+    transcript, and raises :class:`GuestError` at the deadline or when the VM is gone).
     """
 
-    def __init__(
-        self,
-        image: GuestImage,
-        workdir: Path,
-        vsc_socket: Path,
-        mode: ChardevMode,
-        *,
-        pcap: Path | None = None,
-        memory_mb: int = 512,
-        spice: SpiceOptions | None = None,
-    ) -> None:
-        if (mode is ChardevMode.SPICE) != (spice is not None):
-            raise GuestError("SpiceOptions go with ChardevMode.SPICE, and only with it")
-        self.spice = spice
+    #: How :meth:`diagnostics` names the file at ``qemu_log_path``.
+    qemu_log_label = "QEMU stderr"
+
+    def __init__(self, image: GuestImage, workdir: Path, *, memory_mb: int = 512) -> None:
         self.image = image
         self.workdir = workdir
-        self.vsc_socket = vsc_socket
-        self.mode = mode
-        self.pcap = pcap
         self.memory_mb = memory_mb
         self.console_path = workdir / "console.log"
         self.pcscd_log_path = workdir / "pcscd.log"
         self.qemu_log_path = workdir / "qemu.log"
         self.transcript_path = workdir / "commands.log"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
-        self._selector: selectors.DefaultSelector | None = None
         self.boot_seconds = 0.0
 
-    def qemu_command(self) -> list[str]:
-        spice: list[str] = []
-        if self.mode is ChardevMode.QEMU_SERVER:
-            vsc = f"socket,id=vsc,path={self.vsc_socket},server=on,wait=off"
-        elif self.mode is ChardevMode.QEMU_CLIENT:
-            vsc = f"socket,id=vsc,path={self.vsc_socket},reconnect=1"
-        else:
-            assert self.spice is not None
-            vsc = "spicevmc,id=vsc,name=smartcard"
-            spice = self.spice.qemu_args(self.workdir)
-        ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap else "")
-        return [
-            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
-            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
-            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", "console=ttyS0 panic=-1 quiet",
-            "-serial", f"file:{self.console_path}",
-            "-serial", "stdio",
-            "-serial", f"file:{self.pcscd_log_path}",
-            "-device", "qemu-xhci,id=xhci", "-device", ccid,
-            "-chardev", vsc, "-device", "ccid-card-passthru,chardev=vsc", *spice,
-        ]
+    # ----------------------------------------------------------------- for subclasses
 
     def start(self, timeout: float = 60) -> None:
         """Boot; return once pcscd runs and the command channel answers."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = self.qemu_command()
-        logger.info("starting %s", " ".join(cmd))
-        started = time.monotonic()
-        with self.qemu_log_path.open("wb") as qemu_log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
-                start_new_session=True,
-            )
-        assert self._proc.stdout is not None
-        os.set_blocking(self._proc.stdout.fileno(), False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
-        deadline = started + timeout
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the VM (idempotent)."""
+        raise NotImplementedError
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data`` to the guest's command channel (raise GuestError if not running)."""
+        raise NotImplementedError
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        """Wait (until ``deadline``) for bytes from the command channel and keep them."""
+        raise NotImplementedError
+
+    def _received(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        with self.transcript_path.open("ab") as fh:
+            fh.write(chunk)
+
+    def _wait_ready(self, started: float, deadline: float) -> None:
+        """Read until the guest's ``<<<READY>>>`` line; record the boot time."""
         while READY_MARKER.encode() not in self._buffer:
             self._read_some(deadline, "boot")
         self._buffer = self._buffer.split(READY_MARKER.encode() + b"\n", 1)[-1]
         self.boot_seconds = time.monotonic() - started
         logger.info("guest ready in %.1f s", self.boot_seconds)
 
-    def _read_some(self, deadline: float, what: str) -> None:
-        assert self._proc is not None and self._selector is not None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
-        for _key, _ev in self._selector.select(min(remaining, 0.5)):
-            assert self._proc.stdout is not None
-            chunk = self._proc.stdout.read(65536)
-            if chunk:
-                self._buffer += chunk
-                with self.transcript_path.open("ab") as fh:
-                    fh.write(chunk)
-                return
-            if chunk is not None:  # EOF
-                self._proc.wait(timeout=10)
-                raise GuestError(
-                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
-                )
-        if self._proc.poll() is not None:
-            raise GuestError(
-                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
-            )
+    # ----------------------------------------------------------------- commands and logs
 
     def run(self, script: str, timeout: float = 20) -> CommandResult:
         """Run a shell script in the guest (busybox sh, stdout+stderr merged).
@@ -568,14 +544,11 @@ class Guest:
         The guest kills the script after ``timeout`` seconds (status 137); the host waits a
         little longer for the answer and raises :class:`GuestError` if none comes.
         """
-        if self._proc is None or self._proc.stdin is None:
-            raise GuestError("guest is not running")
         secs = max(1, int(timeout + 0.999))
         line = f"{secs} {base64.b64encode(script.encode()).decode()}\n".encode()
         with self.transcript_path.open("ab") as fh:
             fh.write(f"\n### host> {script!r} (timeout {secs} s)\n".encode())
-        self._proc.stdin.write(line)
-        self._proc.stdin.flush()
+        self._send(line)
         deadline = time.monotonic() + secs + 15
         while (m := END_RE.search(self._buffer)) is None:
             self._read_some(deadline, f"command {script!r}")
@@ -626,7 +599,7 @@ class Guest:
         parts = []
         for label, path in (
             ("serial console", self.console_path),
-            ("QEMU stderr", self.qemu_log_path),
+            (self.qemu_log_label, self.qemu_log_path),
             ("pcscd log", self.pcscd_log_path),
             ("command channel", self.transcript_path),
         ):
@@ -634,6 +607,135 @@ class Guest:
                 parts.append(f"--- {label} ({path}), tail:\n"
                              + tail(path.read_bytes().decode("utf-8", "replace"), 25))
         return "\n".join(parts)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Guest(SerialGuest):
+    """One running QEMU guest: ``run()`` shell commands in it, read its pcscd log.
+
+    ``vsc_socket`` is the unix socket of QEMU's ccid-card-passthru chardev.  In
+    :attr:`ChardevMode.QEMU_SERVER` mode QEMU creates it; in :attr:`ChardevMode.QEMU_CLIENT`
+    mode the daemon must already listen there when :meth:`start` is called; in
+    :attr:`ChardevMode.SPICE` mode (with ``spice``) the chardev is ``spicevmc`` and the
+    ``-spice`` server is QEMU's.
+
+    ``readers``: the number of usb-ccid devices, each with its own chardev; the first uses
+    ``vsc_socket``, the others :attr:`vsc_sockets` (``vsc1.sock``, ... beside it).
+    ``share_host``: give the guest the host's files read-only at ``/host`` (9p, with the
+    guest's own ``/proc``, ``/sys``, ``/dev``, ``/tmp`` and ``/run`` mounted inside), so that
+    ``chroot /host`` runs the host's programs next to the guest's devices.
+    """
+
+    def __init__(
+        self,
+        image: GuestImage,
+        workdir: Path,
+        vsc_socket: Path,
+        mode: ChardevMode,
+        *,
+        pcap: Path | None = None,
+        memory_mb: int = 512,
+        spice: SpiceOptions | None = None,
+        readers: int = 1,
+        share_host: bool = False,
+    ) -> None:
+        if (mode is ChardevMode.SPICE) != (spice is not None):
+            raise GuestError("SpiceOptions go with ChardevMode.SPICE, and only with it")
+        if spice is not None and readers != 1:
+            raise GuestError("a SPICE guest has one reader (one spicevmc smartcard chardev)")
+        super().__init__(image, workdir, memory_mb=memory_mb)
+        self.spice = spice
+        self.vsc_socket = vsc_socket
+        self.mode = mode
+        self.pcap = pcap
+        self.share_host = share_host
+        #: one chardev socket per usb-ccid device, the first is ``vsc_socket``
+        self.vsc_sockets = [vsc_socket] + [vsc_socket.with_name(f"vsc{i}.sock")
+                                           for i in range(1, readers)]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._selector: selectors.DefaultSelector | None = None
+
+    def qemu_command(self) -> list[str]:
+        spice: list[str] = []
+        devices: list[str] = ["-device", "qemu-xhci,id=xhci"]
+        for i, path in enumerate(self.vsc_sockets):
+            name = "vsc" if i == 0 else f"vsc{i}"
+            if self.mode is ChardevMode.QEMU_SERVER:
+                vsc = f"socket,id={name},path={path},server=on,wait=off"
+            elif self.mode is ChardevMode.QEMU_CLIENT:
+                vsc = f"socket,id={name},path={path},reconnect=1"
+            else:  # one reader: QEMU 7.2 takes one spicevmc smartcard chardev
+                assert self.spice is not None and i == 0
+                vsc = f"spicevmc,id={name},name=smartcard"
+                spice = self.spice.qemu_args(self.workdir)
+            ccid = "usb-ccid,bus=xhci.0" + (f",pcap={self.pcap}" if self.pcap and i == 0 else "")
+            devices += ["-device", ccid, "-chardev", vsc,
+                        "-device", f"ccid-card-passthru,chardev={name}"]
+        append = "console=ttyS0 panic=-1 quiet"
+        if len(self.vsc_sockets) > 1:
+            append += f" ccidemu.readers={len(self.vsc_sockets)}"
+        if self.share_host:
+            devices += ["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on"]
+            append += " ccidemu.host=1"
+        return [
+            QEMU, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-m", str(self.memory_mb),
+            "-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none",
+            "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
+            "-append", append,
+            "-serial", f"file:{self.console_path}",
+            "-serial", "stdio",
+            "-serial", f"file:{self.pcscd_log_path}",
+            *devices, *spice,
+        ]
+
+    def start(self, timeout: float = 60) -> None:
+        """Boot; return once pcscd runs and the command channel answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = self.qemu_command()
+        logger.info("starting %s", " ".join(cmd))
+        started = time.monotonic()
+        with self.qemu_log_path.open("wb") as qemu_log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=qemu_log,
+                start_new_session=True,
+            )
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._proc.stdout, selectors.EVENT_READ)
+        self._wait_ready(started, started + timeout)
+
+    def _send(self, data: bytes) -> None:
+        if self._proc is None or self._proc.stdin is None:
+            raise GuestError("guest is not running")
+        self._proc.stdin.write(data)
+        self._proc.stdin.flush()
+
+    def _read_some(self, deadline: float, what: str) -> None:
+        assert self._proc is not None and self._selector is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GuestError(f"guest timed out during {what}\n{self.diagnostics()}")
+        for _key, _ev in self._selector.select(min(remaining, 0.5)):
+            assert self._proc.stdout is not None
+            chunk = self._proc.stdout.read(65536)
+            if chunk:
+                self._received(chunk)
+                return
+            if chunk is not None:  # EOF
+                self._proc.wait(timeout=10)
+                raise GuestError(
+                    f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+                )
+        if self._proc.poll() is not None:
+            raise GuestError(
+                f"QEMU exited ({self._proc.returncode}) during {what}\n{self.diagnostics()}"
+            )
 
     def close(self) -> None:
         """Stop QEMU: ``poweroff -f`` in the guest, else SIGTERM, else SIGKILL."""
@@ -659,25 +761,20 @@ class Guest:
         if proc.stdout is not None:
             proc.stdout.close()
 
-    def __enter__(self) -> Guest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 @contextlib.contextmanager
 def boot_guest(
     image: GuestImage, workdir: Path, mode: ChardevMode, *, pcap: bool = False,
-    spice: SpiceOptions | None = None,
+    spice: SpiceOptions | None = None, readers: int = 1, share_host: bool = False,
 ) -> Iterator[Guest]:
     """Boot a guest in ``workdir`` (socket ``vsc.sock``, pcap ``usb.pcap``); stop it after.
 
-    ``spice``: the ``-spice`` server of a :attr:`ChardevMode.SPICE` guest.
+    ``spice``: the ``-spice`` server of a :attr:`ChardevMode.SPICE` guest; ``readers`` and
+    ``share_host``: see :class:`Guest`.
     """
     guest = Guest(
         image, workdir, workdir / "vsc.sock", mode, pcap=workdir / "usb.pcap" if pcap else None,
-        spice=spice,
+        spice=spice, readers=readers, share_host=share_host,
     )
     try:
         guest.start()
@@ -716,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 ECHO = "80E0000003010203"
 
 
-def wait_apdus_work(guest: Guest, timeout: float = 20) -> str:
+def wait_apdus_work(guest: SerialGuest, timeout: float = 20) -> str:
     """Send the echo APDU from the guest until it gets the test card's answer."""
     script = (
         f"i=0; while [ $i -lt {int(timeout * 2)} ]; do "

@@ -26,23 +26,28 @@ class DaemonError(Exception):
 
 
 class ServeProcess:
-    """``ccidemu serve`` with one chardev address, a control socket and optional trace.
+    """``ccidemu serve`` with one chardev address (or more: ``more_sockets``), a control
+    socket and optional trace; ``env`` replaces the environment (PCSCLITE_CSOCK_NAME...).
 
     ``mode`` is QEMU's side: :attr:`ChardevMode.QEMU_SERVER` makes the daemon ``--connect``,
-    :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  :meth:`start` may be called again
+    :attr:`ChardevMode.QEMU_CLIENT` makes it ``--listen``.  ``vsc_socket`` is a unix socket's
+    path, or a whole address (``"tcp:127.0.0.1:2001"``), or None for none on the command line
+    (VMs from a ``--config`` file in ``extra_args``).  :meth:`start` may be called again
     after :meth:`kill` or :meth:`stop` to restart it with the same arguments.
     """
 
     def __init__(
         self,
         workdir: Path,
-        vsc_socket: Path,
+        vsc_socket: Path | str | None,
         mode: ChardevMode,
         cards: Sequence[str] = ("test:",),
         *,
         trace: Path | None = None,
         extra_args: Sequence[str] = (),
         verbose: int = 2,
+        env: dict[str, str] | None = None,
+        more_sockets: Sequence[Path] = (),
     ) -> None:
         self.workdir = workdir
         self.vsc_socket = vsc_socket
@@ -51,6 +56,9 @@ class ServeProcess:
         self.trace = trace
         self.extra_args = tuple(extra_args)
         self.verbose = verbose  # the number of -v (3: TRAFFIC, every frame)
+        self.env = env  # the daemon's environment (None: ours), e.g. PCSCLITE_CSOCK_NAME
+        #: more chardev sockets, one VM each (vm2, vm3, ...), in the same mode
+        self.more_sockets = tuple(more_sockets)
         self.control = workdir / "control.sock"
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -60,7 +68,12 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "vmc", "-" + "v" * self.verbose, "serve"]
         if self.mode is not ChardevMode.SPICE:  # (SPICE: --spice HOST:PORT in extra_args)
             flag = "--connect" if self.mode is ChardevMode.QEMU_SERVER else "--listen"
-            cmd += [flag, f"unix:{self.vsc_socket}"]
+            if isinstance(self.vsc_socket, Path):
+                cmd += [flag, f"unix:{self.vsc_socket}"]
+            elif self.vsc_socket is not None:
+                cmd += [flag, self.vsc_socket]
+            for path in self.more_sockets:
+                cmd += [flag, f"unix:{path}"]
         for card in self.cards:
             cmd += ["--card", card]
         cmd += ["--control", f"unix:{self.control}"]
@@ -79,7 +92,7 @@ class ServeProcess:
             log.flush()
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
+                start_new_session=True, env=self.env,
             )
         deadline = time.monotonic() + timeout
         while not self._control_answers():
@@ -126,7 +139,7 @@ class ServeProcess:
         """Run ``ccidemu ctl --control ADDR ARGS...`` (no check; see :meth:`ctl_json`)."""
         cmd = [sys.executable, "-m", "vmc", "ctl", "--control", f"unix:{self.control}", *args]
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, check=False
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=self.env
         )
 
     def ctl_ok(self, *args: str) -> str:
