@@ -379,7 +379,11 @@ def test_rsa_type1_blocks_are_signed_by_openssl(card: PivCard,
     def no_integers(_: int) -> int:
         raise AssertionError("the Python integer path was used")
 
+    def no_raw(_: object) -> object:
+        raise AssertionError("the unpadded RSA operation was used for a type 1 block")
+
     monkeypatch.setattr("ccidemu.rsa_raw.secrets.randbelow", no_integers)
+    monkeypatch.setattr("ccidemu.rsa_raw.raw_key", no_raw)
     verify_pin(card)
     sha3 = bytes.fromhex("3031300d060960864801650304020805000420")  # SHA3-256 DigestInfo
     for payload in (SHA256_INFO + os.urandom(32), sha3 + os.urandom(32), os.urandom(36),

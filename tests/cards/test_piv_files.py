@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ccidemu
@@ -346,13 +346,41 @@ GOOD_STATE = {"format": 2, "pin": "313233343536", "puk": "3132333435363738",
               "objects": {}}
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.sampled_from(sorted(GOOD_STATE)), JSON_VALUES)
-def test_damaged_state_loads_or_is_a_config_error(field: str, value: object) -> None:
-    from ccidemu.cards.piv import PivState
+_COUNTERS = ("pin_retries", "puk_retries", "pin_left", "puk_left")
+
+
+def _plausible(field: str) -> st.SearchStrategy[object]:
+    """Values a state file could really hold for ``field``, valid or just beyond the limits
+    (and unlike the defaults, so that a field left unread shows)."""
+    if field in _COUNTERS:
+        return st.integers(-1, 16) | st.sampled_from([254, 255, 256])
+    if field in ("pin", "puk"):
+        return st.binary(min_size=5, max_size=9).map(bytes.hex)
+    if field == "management_key":
+        return st.sampled_from([16, 23, 24, 32]).flatmap(
+            lambda n: st.binary(min_size=n, max_size=n)).map(bytes.hex)
+    if field == "management_algorithm":
+        return st.sampled_from([0, 1, 3, 8, 10, 12])
+    return st.nothing()
+
+
+#: One damaged field: any JSON value, or a plausible one for that field.
+_DAMAGE = st.sampled_from(sorted(GOOD_STATE)).flatmap(
+    lambda field: st.tuples(st.just(field), JSON_VALUES | _plausible(field)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_DAMAGE, min_size=1, max_size=2))
+@example([("pin_retries", 0), ("pin_left", 0)])  # a maximum of 0 tries is no PIN
+@example([("puk_retries", 0), ("puk_left", 0)])
+@example([("pin_retries", 256)])
+@example([("puk_left", True)])
+@example([("management_key", "00" * 32), ("management_algorithm", 12)])
+def test_damaged_state_loads_or_is_a_config_error(changes: list[tuple[str, object]]) -> None:
+    from ccidemu.cards.piv import MANAGEMENT_KEY_LENGTHS, PivState, valid_reference
     from ccidemu.cards.piv_files import StateStore, state_to_json
 
-    damaged = dict(GOOD_STATE, **{field: value})
+    damaged = dict(GOOD_STATE, **dict(changes))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "piv-x.json"
         path.write_text(json.dumps(damaged))
@@ -366,6 +394,8 @@ def test_damaged_state_loads_or_is_a_config_error(field: str, value: object) -> 
     for key in ("pin", "puk", "pin_retries", "puk_retries", "pin_left", "puk_left",
                 "management_key", "management_algorithm"):
         assert saved[key] == damaged[key] and type(saved[key]) is type(GOOD_STATE[key]), key
+    assert valid_reference(state.pin) and valid_reference(state.puk)
+    assert MANAGEMENT_KEY_LENGTHS[state.management_algorithm] == len(state.management_key)
     # SET PIN RETRIES and profiles allow 1 to 255 tries
     assert 0 <= state.pin_left <= state.pin_retries <= 255 and state.pin_retries >= 1
     assert 0 <= state.puk_left <= state.puk_retries <= 255 and state.puk_retries >= 1

@@ -118,10 +118,10 @@ def _hex_colons(data: bytes) -> str:
     return ":".join(f"{b:02X}" for b in data)
 
 
-def test_key_imported_over_vscard_signs_in_the_guest(piv_env: tuple[Guest, ServeProcess]
-                                                     ) -> None:
+def test_key_imported_over_vscard_signs_in_the_guest(piv_env: tuple[Guest, ServeProcess],
+                                                     e2e_dir: Path) -> None:
     """Runs last in this module: it replaces 9D (in memory; the fixtures stay)."""
-    guest, _ = piv_env
+    guest, daemon = piv_env
     key = ec.generate_private_key(ec.SECP256R1())
     ca_key = serialization.load_pem_private_key((CERTS / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -139,5 +139,12 @@ def test_key_imported_over_vscard_signs_in_the_guest(piv_env: tuple[Guest, Serve
     )
     out = guest.check(script, timeout=60)
     assert "Received (SW1=0x90, SW2=0x00)" in out, out
+    # the private key went by in IMPORT ASYMMETRIC KEY: not in the daemon's -vvv log or its
+    # trace, which holds the command cut to its header
+    log = daemon.log().lower()
+    trace = (e2e_dir / "trace.jsonl").read_text().lower()
+    assert f'"command":"00fe119d{len(body):02x}"' in trace
+    for text in (log, trace):
+        assert scalar.hex() not in text and scalar.hex(" ") not in text
     signature = _sign_in_guest(guest, "03", "ECDSA-SHA256", "--signature-format openssl")
     key.public_key().verify(signature, DATA, ec.ECDSA(hashes.SHA256()))

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from ccidemu.redact import Redactor
+from ccidemu.trace import TraceRecord, read_trace
 from vmc.lab.pcscd import OPENSC_PKCS11, READER, PcscdHarness
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "certs"
 PIN, PUK = "123456", "12345678"
 #: Every PIN, PUK and management key the tests send (padded as VERIFY sends them): none may
-#: reach the bridge's -vvv log.
+#: reach the bridge's -vvv log or its trace.
 SECRETS = [b"123456\xff\xff", b"12345678", b"654321\xff\xff", b"111111\xff\xff",
            bytes.fromhex("010203040506070801020304050607080102030405060708")]
 YKPIV = ("yubico-piv-tool", "-r", READER)
@@ -29,14 +31,22 @@ class PivSetup:
     state: Path
     work: Path
     logs: list[Path] = field(default_factory=list)  # every bridge's -vvv log
+    traces: list[Path] = field(default_factory=list)  # and its --trace
 
     @property
     def spec(self) -> str:
         return f"piv:{self.certs / 'card.toml'}"
 
     def start(self) -> None:
-        bridge = self.pcscd.start_bridge(self.spec, "--state-dir", str(self.state), verbose=3)
+        trace = self.work / f"bridge-{len(self.traces)}.jsonl"
+        bridge = self.pcscd.start_bridge(self.spec, "--state-dir", str(self.state),
+                                         "--trace", str(trace), verbose=3)
         self.logs.append(bridge.log_path)
+        self.traces.append(trace)
+
+    def trace_records(self) -> list[TraceRecord]:
+        """The exchanges every bridge of this test traced so far."""
+        return [r for path in self.traces if path.exists() for r in read_trace(path)]
 
     def restart_bridge(self) -> None:
         assert self.pcscd.stop_bridge() == 0
@@ -70,11 +80,19 @@ def piv_setup(pcscd: PcscdHarness, tmp_path: Path, profile: str | None = None
     setup.start()
     yield setup
     # whatever the test did, no PIN, PUK or management key reached the bridge's TRAFFIC log
+    # or its trace, and no traced exchange holds anything the redaction rules would cut (a
+    # secret these tests did not list: a new PIN or key, a witness, a challenge)
     assert setup.logs and all(path.stat().st_size for path in setup.logs)
-    for path in setup.logs:
+    assert all(path.stat().st_size for path in setup.traces)
+    for path in [*setup.logs, *setup.traces]:
         text = path.read_text(errors="replace").lower()
         for secret in SECRETS:
             assert secret.hex() not in text and secret.hex(" ") not in text, (path, secret)
+    for path in setup.traces:
+        redactor = Redactor()
+        for record in read_trace(path):
+            shown = redactor.exchange(record.command, record.response)
+            assert not shown.redacted, (path, record)
 
 
 @pytest.fixture

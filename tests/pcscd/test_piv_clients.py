@@ -163,6 +163,13 @@ def test_ykpiv_pin_block_and_unblock(piv: PivSetup) -> None:
     piv.ykpiv("-a", "unblock-pin", "-P", PUK, "-N", "654321")
     assert "Successfully verified PIN" in piv.ykpiv("-a", "verify-pin", "-P", "654321")
     assert re.search(r"PIN tries left:\s*3", piv.ykpiv("-a", "status"))
+    # the bridge's trace holds every VERIFY with a PIN, cut to its header, and the unblock
+    verifies = [r for r in piv.trace_records() if r.command[:4] == bytes.fromhex("00200080")]
+    assert [r.command for r in verifies if r.redacted] == [bytes.fromhex("0020008008")] * 5
+    assert [r.response for r in verifies if r.redacted] == [
+        bytes.fromhex(sw) for sw in ("63c2", "63c1", "63c0", "6983", "9000")]
+    assert [r.command for r in piv.trace_records() if r.command[1] == 0x2C] == [
+        bytes.fromhex("002c008010")]
 
 
 def test_state_survives_bridge_restart(piv: PivSetup) -> None:
@@ -181,10 +188,13 @@ def test_state_survives_bridge_restart(piv: PivSetup) -> None:
         x509.load_pem_x509_certificate(read_back.read_bytes())
         == x509.load_pem_x509_certificate(cert_path.read_bytes())
     )
-    # the card's files were never touched: what the guest changed lives in the state
-    for name in sorted(p.name for p in FIXTURES.iterdir()):
+    # the card's files were never touched (none changed, none added): what the guest changed
+    # lives in the state directory
+    names = sorted(p.name for p in FIXTURES.iterdir())
+    assert sorted(p.name for p in piv.certs.iterdir()) == names
+    for name in names:
         assert (piv.certs / name).read_bytes() == (FIXTURES / name).read_bytes(), name
-    assert any(piv.state.iterdir())
+    assert any(p.name.startswith("piv-") for p in piv.state.iterdir())
 
 
 def test_pkcs11_derive_ecdh_9e(piv: PivSetup) -> None:

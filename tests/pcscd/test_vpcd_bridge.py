@@ -211,13 +211,12 @@ def test_quickack_rearmed_before_every_receive(fake: FakeVpcd,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The 40 ms trap is fixed by TCP_QUICKACK (Linux clears it again), not by TCP_NODELAY
     alone (docs/PERFORMANCE.md, vpcd bridge): it must be re-armed before each recv."""
-    import vmc.vpcd
-
     events: list[str] = []
-    real_quickack = vmc.vpcd._quickack
+    quickack = (socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     class Recording:
-        """The bridge's socket, with its recv calls recorded in order with the re-arms."""
+        """The bridge's socket, with its recv calls recorded in order with the options set
+        on it (the setsockopt that really reaches the kernel, not a helper's name)."""
 
         def __init__(self, sock: socket.socket) -> None:
             self._sock = sock
@@ -226,15 +225,14 @@ def test_quickack_rearmed_before_every_receive(fake: FakeVpcd,
             events.append("recv")
             return self._sock.recv(size)
 
+        def setsockopt(self, level: int, option: int, value: int) -> None:
+            events.append("quickack" if (level, option, value) == quickack else "other option")
+            self._sock.setsockopt(level, option, value)
+
         def __getattr__(self, name: str) -> Any:
             return getattr(self._sock, name)
 
-    def spy(sock: Any) -> None:
-        events.append("quickack")
-        real_quickack(sock._sock if isinstance(sock, Recording) else sock)
-
     real_connect = VpcdBridge._connect
-    monkeypatch.setattr(vmc.vpcd, "_quickack", spy)
     monkeypatch.setattr(VpcdBridge, "_connect", lambda self: Recording(real_connect(self)))
     bridge = VpcdBridge(BuiltinTestCard(), TcpAddress("127.0.0.1", fake.port))
     thread = _start(bridge)

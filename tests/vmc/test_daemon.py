@@ -431,16 +431,21 @@ def test_ctl_command_line(tmp: Path, daemons: list[RunningDaemon]) -> None:
             assert out.returncode == 0, out.stderr
             return out.stdout
 
-        table = ctl_run("list")
-        assert "VM" in table and str(addr) in table and "built-in test card" in table
+        echo(fake, b"1")
         listed = json.loads(ctl_run("--json", "list"))
         sid = listed[0]["session"]
+        header = ["ID", "VM", "MODE", "ADDRESS", "PEER", "READER", "RID", "CARD", "PRESENT",
+                  "APDUS"]
+        row = [str(sid), "vm1", "listen", str(addr), "local", "0", "0", "built-in", "test",
+               "card"]  # (the card's name is three words)
+        table = [line.split() for line in ctl_run("list").splitlines()]
+        assert table == [header, [*row, "yes", "1"]], table
         assert json.loads(ctl_run("--json", "remove", str(sid), "0"))["readers"][0][
             "present"
         ] is False
         fake.wait_removed()
-        inserted = ctl_run("insert", str(sid)).splitlines()
-        assert inserted[1].split()[-2:] == ["yes", "0"], inserted  # PRESENT yes, APDUS 0
+        inserted = [line.split() for line in ctl_run("insert", str(sid)).splitlines()]
+        assert inserted == [header, [*row, "yes", "1"]], inserted  # the card back in
         fake.wait_card()
         stats = dict(line.split(None, 1) for line in ctl_run("stats").splitlines())
         assert stats["sessions"].strip() == "1" and stats["vms"].strip() == "1", stats

@@ -46,6 +46,8 @@ COUNT = H("80e4000004")  # test card: the number of APDUs it has seen
 
 #: ``gated:`` cards block in transmit (INS EE) until this is set.
 TRANSMIT_GATE = threading.Event()
+#: Set by a ``gated:`` card when an ``80 EF`` APDU reaches it (its answer is then owed).
+IN_CARD = threading.Event()
 #: While set, opening a ``slowopen:`` card blocks until OPEN_GATE is set.
 OPEN_ARMED = threading.Event()
 OPEN_GATE = threading.Event()
@@ -53,7 +55,8 @@ OPENS_BLOCKED = threading.Semaphore(0)
 
 
 class GatedCard(BuiltinTestCard):
-    """Blocking card: ``80 EE`` waits for TRANSMIT_GATE; ``80 EF`` sleeps 50 ms; else fast."""
+    """Blocking card: ``80 EE`` waits for TRANSMIT_GATE; ``80 EF`` sets IN_CARD and sleeps
+    50 ms; else fast."""
 
     blocking: ClassVar[bool] = True
 
@@ -62,6 +65,7 @@ class GatedCard(BuiltinTestCard):
             TRANSMIT_GATE.wait(20)
             return H("9000")
         if apdu[:2] == H("80ef"):
+            IN_CARD.set()
             time.sleep(0.05)
             return H("9000")
         return super().transmit(apdu)
@@ -88,6 +92,7 @@ register("slowopen", f"{__name__}:open_slowopen")
 @pytest.fixture(autouse=True)
 def _gates() -> Iterator[None]:
     TRANSMIT_GATE.clear()
+    IN_CARD.clear()
     OPEN_ARMED.clear()
     OPEN_GATE.clear()
     yield
@@ -353,8 +358,11 @@ def test_control_abuse_during_traffic_keeps_card_state(
     # nothing above touched the card: its APDU counter went on from where it was
     assert fake.transmit(COUNT)[:4] == (before + 1).to_bytes(4, "big")
 
-    # remove/insert spam while the guest's APDUs are with the (slow, blocking) card
+    # remove/insert spam while the guest's APDUs are with the (slow, blocking) card: every
+    # other round waits (an event, no timing) until a guest APDU is in the card, so that
+    # its removal waits for an answer owed; the rounds between come at any moment
     results: list[bytes | str] = []
+    unexpected: list[BaseException] = []
     stop = threading.Event()
 
     def guest() -> None:
@@ -364,28 +372,36 @@ def test_control_abuse_during_traffic_keeps_card_state(
             except CardError as exc:  # no card at that moment: the transmit fails
                 results.append(str(exc))
                 time.sleep(0.005)
+            except BaseException as exc:  # (a lost answer: the guest's transmit times out)
+                unexpected.append(exc)
+                return
 
     def spam() -> None:
+        IN_CARD.clear()
         for i in range(60):
+            if i % 2 == 0:
+                assert IN_CARD.wait(30), "no guest APDU reached the card"
             for cmd in ("remove", "insert"):
                 with contextlib.suppress(ControlError):
                     control_request(ctl, {"cmd": cmd, "session": sid})
+            IN_CARD.clear()
             if i % 10 == 0:
                 control_lines(ctl, [b"junk\n", b'{"cmd": "list"}\n'])
 
     g = threading.Thread(target=guest, daemon=True)
     g.start()
-    run_threads([spam])
+    run_threads([spam], timeout=120)
     stop.set()
     g.join(15)
     assert not g.is_alive()
+    assert unexpected == []
     assert results and H("9000") in results
     # every exchange ended in an answer, a refusal, or QEMU's empty answer when a guest
     # APDU crossed a CardRemove on the wire (the guest sent it after the daemon had removed
     # the card): never anything else
     assert all(r == H("9000") or isinstance(r, str) or r == b"" for r in results), results
     removes = [m for m in fake.received if isinstance(m, VscCardRemove)]
-    assert removes
+    assert len(removes) >= 30  # one at least for each round that met a guest APDU in the card
     assert results.count(b"") <= len(removes)
     # the daemon's own rule: no APDU response after a CardRemove until the card is back
     # (QEMU drops a response that follows a CardRemove), whatever the interleaving
