@@ -153,12 +153,19 @@ def parse_spice_address(text: str) -> tuple[str, int]:
 
 
 def read_password_file(path: Path) -> str:
-    """The SPICE password in ``path`` (one trailing newline dropped); ConfigError otherwise."""
+    """The SPICE password in ``path`` (one trailing newline dropped); ConfigError otherwise.
+
+    A file that others may read or write is used, with a warning: it should be private.
+    """
     try:
         data = path.read_bytes()
+        mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigError(f"cannot read the SPICE password file {path}: "
                           f"{exc.strerror or exc}") from None
+    if mode & 0o077:
+        log.warning("the SPICE password file %s is mode %04o: other users can read the password "
+                    "(chmod 600 %s)", path, mode & 0o7777, path)
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
@@ -526,7 +533,7 @@ class SpiceTransport:
         if error is None:
             log.info("%s: closed", self.name)
         else:
-            (log.error if error.fatal else log.warning)("%s", error)
+            log.warning("%s", error)  # its owner says whether it retries (ERROR if not)
         try:
             self.handler.connection_lost(error)
         except Exception:

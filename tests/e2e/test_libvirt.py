@@ -10,6 +10,9 @@
   a user does with ``virsh edit``), defined with ``virsh define`` and started, with the
   ccidemu side its comment gives, and the guest sees the card through it.  Only the example
   paths (``/run/ccidemu/``) and port (2001) are replaced, and the card specs by demo cards.
+- The SPICE example (``type='spicevmc'``): port, password and password file replaced; ccidemu
+  starts first and keeps the VM's card across a VM restart; the password stays out of the
+  domain log and ccidemu's log.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import grp
 import os
 import pwd
 import re
+import secrets
 import socket
 import stat
 import xml.etree.ElementTree as ET
@@ -29,7 +33,7 @@ import pytest
 from ccidemu.cards.cac import ATR as CAC_ATR
 from ccidemu.cards.piv import ATR as PIV_ATR
 from tests.support import require_peers
-from vmc.lab.guest import ChardevMode, GuestImage
+from vmc.lab.guest import GUEST_HOST_PACKAGES, ChardevMode, GuestImage, missing_spice_support
 from vmc.lab.libvirt import (
     LIBVIRT_HOST_PACKAGES,
     QEMU_USER,
@@ -304,3 +308,42 @@ def test_two_readers_example(
     finally:
         daemon.stop()
 
+
+
+def test_spicevmc_example_with_ccidemu_joining_the_spice_server(
+    libvirtd: PrivateLibvirtd, guest_image: GuestImage, workdir: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    require_peers(request.config, "qemu", missing_spice_support(), GUEST_HOST_PACKAGES)
+    port = _free_port()
+    password = secrets.token_urlsafe(12)
+    text = (DEPLOY / "smartcard-spicevmc.xml").read_text()  # no socket paths to move
+    for old, new in (("port='5930'", f"port='{port}'"), ('127.0.0.1:5930"', f'127.0.0.1:{port}"'),
+                     ("passwd='change-this-password'", f"passwd='{password}'"),
+                     ("/etc/ccidemu/vm1.spicepw", f"{workdir}/vm1.spicepw")):
+        assert old in text, old
+        text = text.replace(old, new)
+    secret = workdir / "vm1.spicepw"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    devices, extra = example_devices(text)
+    assert extra == []
+    # ccidemu first: it waits for the SPICE server, retrying.
+    daemon = serve_config(workdir, comment_config(text, workdir), ChardevMode.SPICE)
+    daemon.start()
+    try:
+        for boot in range(2):  # the VM restarted under the running daemon: the card is back
+            with boot_libvirt_guest(libvirtd, guest_image, workdir, f"ccidemu-spicevmc-{boot}",
+                                    devices=devices) as guest:
+                assert_qemu_is_libvirt_qemu(guest)
+                log = guest.domain_log()
+                assert re.search(r"-chardev spicevmc,id=charsmartcard0,name=smartcard", log), log
+                assert password not in log  # libvirt hands QEMU the password as a secret
+                out = guest.wait_card(timeout=60)
+                assert out.splitlines()[-1] == atr_text(PIV_ATR), out
+                assert guest.check("opensc-tool -n").splitlines()[-1] == PIV_NAME
+                listing = daemon.ctl_json("list")
+                assert [(s["mode"], s["connected"]) for s in listing] == [("spice", True)]
+        assert password not in daemon.log()
+    finally:
+        daemon.stop()

@@ -24,6 +24,7 @@ from vmc.addr import UnixAddress
 from vmc.config import load_config_file
 from vmc.control import ControlError, control_request
 from vmc.fakeqemu import FakeQemu, FakeQemuListener
+from vmc.spice import SpiceTarget
 from vmc.touch import TouchMode, TouchSetting
 
 H = bytes.fromhex
@@ -92,6 +93,28 @@ def test_touch_in_the_config_file(tmp: Path) -> None:
     assert bob.touch == TouchSetting(TouchMode.BUTTON, 15.0)
 
 
+def test_spice_endpoints_in_the_config_file(tmp: Path) -> None:
+    secret = tmp / "vm1.spicepw"
+    secret.write_text("Pw-1\n")
+    secret.chmod(0o600)
+    config = write(tmp / "serve.toml", """\
+        [vm.vm1]
+        spice = "127.0.0.1:5930"
+        spice_password_file = "vm1.spicepw"
+        cards = ["cac:"]
+        [vm.vm2]
+        spice = "[::1]:5931"
+        spice_tls_port = 5932
+        spice_host_subject = "CN=my server"
+        """)
+    _, (vm1, vm2) = load_config_file(config)
+    assert (vm1.mode, vm1.cards) == ("spice", ("cac:",))
+    assert vm1.spice == SpiceTarget("127.0.0.1", 5930, password="Pw-1")  # path from the file's dir
+    assert (vm2.mode, vm2.cards) == ("spice", ("piv:",))
+    assert vm2.spice == SpiceTarget("::1", 5931, 5932, None, "CN=my server", "")
+    assert "Pw-1" not in repr(vm1) and "Pw-1" not in str(vm1.spice)
+
+
 BAD_FILES = [
     pytest.param('[vm.a]\nlisten = "unix:/x"\ncards = "piv:"\n', ":3: vm.a.cards: must be a list",
                  id="cards-not-a-list"),
@@ -116,6 +139,17 @@ BAD_FILES = [
     pytest.param('[vm.a]\nlisten = "unix:/x"\ntouch = "press"\n',
                  ":3: vm.a.touch: touch mode 'press' is not auto", id="touch-mode"),
     pytest.param('[vm.a\nlisten = 1\n', "is not valid TOML", id="syntax"),
+    pytest.param('[vm.a]\nspice = "h:1"\ncards = ["piv:", "cac:"]\n',
+                 ":3: vm.a.cards: a SPICE session carries one reader", id="spice-two-cards"),
+    pytest.param('[vm.a]\nlisten = "unix:/x"\nspice_tls_port = 5\n',
+                 ":3: vm.a.spice_tls_port: applies to a spice endpoint only",
+                 id="spice-on-listen"),
+    pytest.param('[vm.a]\nspice = 5930\n', ":2: vm.a.spice: must be HOST:PORT", id="spice-int"),
+    pytest.param('[vm.a]\nspice = "h:1"\nspice_tls_port = "x"\n',
+                 ":3: vm.a.spice_tls_port: must be a port number", id="spice-tls-str"),
+    pytest.param('[vm.a]\nspice = "h:1"\nspice_password_file = "/no/such/pw"\n',
+                 ":3: vm.a.spice_password_file: cannot read the SPICE password file /no/such/pw",
+                 id="spice-no-password-file"),
     pytest.param("x = " + "[" * 2000 + "]" * 2000 + "\n", "", id="deep"),
 ]
 

@@ -28,6 +28,9 @@ from ccidemu.card import BuiltinTestCard
 from ccidemu.errors import ConfigError, DecodeError
 from ccidemu.spice import SpiceError, SpiceFailure, SpiceProtocolError
 from tests.spice_fake import FakeSpiceServer, FakeSpiceSocketServer
+from vmc.runtime import spice_link
+from vmc.runtime.loop import Loop
+from vmc.runtime.spice_link import SpiceLink
 from vmc.session import PowerOn, Transmit, VscSession
 from vmc.spice import (
     SpiceTarget,
@@ -313,10 +316,17 @@ def test_target_checks_and_never_shows_the_password() -> None:
         SpiceTarget("h", 1, password="é" * 31)
 
 
-def test_password_file(tmp_path: Path) -> None:
+def test_password_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "pw"
     path.write_bytes(b"s3cret\n")
+    path.chmod(0o600)
     assert read_password_file(path) == "s3cret"
+    assert caplog.records == []
+    path.chmod(0o644)  # others can read it: used, with a warning that never shows the password
+    assert read_password_file(path) == "s3cret"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "mode 0644" in caplog.text and "chmod 600" in caplog.text
+    assert "s3cret" not in caplog.text
     path.write_bytes(b"s3cret\r\n")
     assert read_password_file(path) == "s3cret"
     path.write_bytes(b"")
@@ -366,3 +376,72 @@ def test_host_subject() -> None:
     assert match_host_subject(cert, "O=Red Hat, CN=my server")
     assert not match_host_subject(cert, "CN=my server, O=Red Hat")  # order counts
     assert not match_host_subject(cert, "O=Red Hat")
+
+
+# --------------------------------------------------------------------------- the link's retries
+
+
+class _Sessions:
+    """on_session of a SpiceLink: counts the sessions that reached the smartcard channel."""
+
+    def __init__(self) -> None:
+        self.made = threading.Event()
+
+    def __call__(self, stream: object) -> _Sessions:
+        self.made.set()
+        return self
+
+    def data_received(self, buffer: bytearray, nbytes: int) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def _link(port: int, password: str) -> tuple[Loop, SpiceLink, _Sessions]:
+    loop = Loop("test-spice-link")
+    loop.start()
+    sessions = _Sessions()
+    link = SpiceLink(loop, SpiceTarget("127.0.0.1", port, password=password), "vm t", sessions)
+    loop.call_soon(link.start)
+    return loop, link, sessions
+
+
+def test_a_password_the_server_learns_late_is_retried_until_it_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # libvirt starts QEMU without the SPICE password and sets it over QMP a moment later: in
+    # that window the server refuses every password, the right one too.
+    fake = FakeSpiceServer(password=b"not-set-yet")
+    with FakeSpiceSocketServer(fake) as srv:
+        loop, link, sessions = _link(srv.port, "pw")
+        try:
+            wait_for(lambda: link.last_error is not None and "password" in link.last_error,
+                     what="a refused password")
+            assert not sessions.made.is_set() and link.fatal is None
+            fake.password = b"pw"  # what libvirt's set_password does
+            assert sessions.made.wait(30)
+            assert link.fatal is None and link.last_error is None
+        finally:
+            loop.call_in_loop(link.close)
+            loop.stop()
+    assert "not retrying" not in caplog.text and "pw" not in caplog.text.replace("pwd", "")
+
+
+def test_a_wrong_password_gives_up_after_the_grace(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(spice_link, "PASSWORD_GRACE", 0.5)
+    with FakeSpiceSocketServer(FakeSpiceServer(password=b"right")) as srv:
+        loop, link, sessions = _link(srv.port, "wrong-one")
+        try:
+            wait_for(lambda: link.fatal is not None, what="the endpoint to give up")
+            assert "refused the password" in str(link.fatal)
+            tries = len(srv.threads)
+            time.sleep(0.5)
+            assert len(srv.threads) == tries  # no retry after giving up
+            assert tries >= 2  # one at least within the grace
+            assert not sessions.made.is_set()
+        finally:
+            loop.call_in_loop(link.close)
+            loop.stop()
+    assert "not retrying" in caplog.text and "wrong-one" not in caplog.text

@@ -10,16 +10,20 @@ Reconnecting is this module's job: a transient failure (the server unreachable, 
 closed, bad bytes, a timeout) is retried with capped backoff, reset after a session that
 reached the smartcard channel; a fatal one (a wrong password, no smartcard channel in that
 VM, not a SPICE server, TLS problems) stops the endpoint with its reason in ``ctl list``
-(docs/PROTOCOL.md, "SPICE").  A SPICE session carries one reader: the server attaches one
-client connection to one smartcard chardev.
+(docs/PROTOCOL.md, "SPICE").  A refused password is retried for :data:`PASSWORD_GRACE`
+seconds first: libvirt starts QEMU without the VM's SPICE password and sets it over QMP a
+moment later, and in that window the server refuses every password (docs/DEPLOY.md, "SPICE").
+A SPICE session carries one reader: the server attaches one client connection to one
+smartcard chardev.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
-from ccidemu.spice import SpiceError
+from ccidemu.spice import SpiceError, SpiceFailure
 from vmc.runtime.loop import Loop, Timer
 from vmc.runtime.transport import StreamProtocol
 from vmc.sockets import Backoff
@@ -28,6 +32,9 @@ from vmc.spice import SpiceTarget, SpiceTransport
 __all__ = ["SpiceLink", "SpiceStream"]
 
 log = logging.getLogger(__name__)
+
+#: How long refused passwords in a row are retried before the endpoint gives up (seconds).
+PASSWORD_GRACE = 10.0
 
 
 class SpiceStream:
@@ -94,6 +101,7 @@ class SpiceLink:
         self._timer: Timer | None = None
         self._reached = False
         self._waiting_logged = False
+        self._refused_since: float | None = None  # first of the refused passwords in a row
 
     def start(self) -> None:
         self._attempt()
@@ -143,6 +151,7 @@ class SpiceLink:
             transport.close()
             return
         self._reached = True
+        self._refused_since = None
         self._waiting_logged = False
         self.last_error = None
         stream = SpiceStream(transport, f"spice session {transport.session_id}")
@@ -153,6 +162,16 @@ class SpiceLink:
         stream = self._stream
         if stream is not None and transport is self._transport:
             stream.deliver(data)
+
+    def _in_password_grace(self, error: SpiceError | None) -> bool:
+        """A refused password, and the first of a run of them less than PASSWORD_GRACE ago."""
+        if error is None or error.failure is not SpiceFailure.WRONG_PASSWORD:
+            self._refused_since = None
+            return False
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+        return now - self._refused_since < PASSWORD_GRACE
 
     def _lost(self, transport: SpiceTransport, error: SpiceError | None, *,
               why: str | None = None) -> None:
@@ -168,6 +187,13 @@ class SpiceLink:
             return
         reason = why or (str(error) if error is not None else "the session ended")
         self.last_error = reason
+        if self._in_password_grace(error):
+            delay = self.backoff.next()
+            log.info("%s: SPICE %s: %s; retrying in %.1f s (for up to %.0f s: libvirt sets the "
+                     "password just after QEMU starts)", self.label, self.target, reason, delay,
+                     PASSWORD_GRACE)
+            self._timer = self._loop.call_later(delay, self._attempt)
+            return
         if error is not None and error.fatal:
             self.fatal = reason
             log.error("%s: SPICE: %s; not retrying (fix it, then ctl detach/attach or reload)",
