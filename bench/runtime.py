@@ -241,13 +241,21 @@ def head_of_line(seconds: float, rounds: int) -> None:
                         ready, stop, done = ctx.Event(), ctx.Event(), ctx.Value("q", 0)
                         heavy = ctx.Process(target=target, args=(*args, ready, stop, done))
                         heavy.start()
-                        ready.wait(60)
+                        if not ready.wait(60) or not heavy.is_alive():
+                            heavy.terminate()
+                            raise SystemExit(f"VM A ({kind}, {where}) did not start its loop")
                         t0 = time.perf_counter()
                         runs.append(_light(b, seconds))
+                        if not heavy.is_alive():  # a busy round with an idle A means nothing
+                            raise SystemExit(f"VM A ({kind}, {where}) died: {heavy.exitcode}")
+                        elapsed = time.perf_counter() - t0
                         stop.set()
                         heavy.join(60)
-                        heavy_rate[where] = max(heavy_rate[where],
-                                                done.value / (time.perf_counter() - t0))
+                        if heavy.exitcode != 0:
+                            heavy.terminate()
+                            raise SystemExit(f"VM A ({kind}, {where}) ended with "
+                                             f"{heavy.exitcode}")
+                        heavy_rate[where] = max(heavy_rate[where], done.value / elapsed)
                 alone, busy = _best(alone_runs), _best(busy_runs)
                 outside = _best(outside_runs)
                 print(f"  A {kind:8}: B {busy[0]:7.0f}/s p50 {busy[1]:6.1f} us p99 "

@@ -668,6 +668,11 @@ class Daemon:
 
         self._in_pool(lambda: self._prepare(config), started, error)
 
+    def _not_serving(self, name: str) -> bool:
+        """VM ``name`` is not serving: not attached, or its SPICE link gave up."""
+        vm = self.vms.get(name)
+        return vm is None or (vm.spice is not None and vm.spice.fatal is not None)
+
     def _reload(self, reply: Reply) -> None:
         """Re-read the config file; touch only the VMs whose settings changed (loop thread)."""
         path = self.config.config_file
@@ -685,11 +690,16 @@ class Daemon:
         systemd.notify("RELOADING=1")
         old = {c.name: c for c in self._file_vms}
         wanted = {c.name: c for c in new}
-        gone = [n for n in old if n not in wanted or wanted[n] != old[n]]
-        added = [n for n in wanted if n not in old or wanted[n] != old[n]]
+        # An unchanged VM that is not serving (detached by ctl, left detached by a failed
+        # reload, or a SPICE endpoint that gave up) is started again: the file wants it.
+        stopped = {n for n in wanted if n in old and wanted[n] == old[n] and self._not_serving(n)}
+        gone = [n for n in old if n not in wanted or wanted[n] != old[n]
+                or (n in stopped and n in self.vms)]
+        added = [n for n in wanted if n not in old or wanted[n] != old[n] or n in stopped]
         self._file_vms = new
         summary: dict[str, Any] = {"detached": [], "attached": [], "unchanged": sorted(
-            n for n in wanted if n in old and wanted[n] == old[n]), "errors": []}
+            n for n in wanted if n in old and wanted[n] == old[n] and n not in stopped),
+            "errors": []}
         steps = [("detach", n) for n in gone] + [("attach", n) for n in added]
 
         def step() -> None:

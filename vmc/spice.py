@@ -158,14 +158,15 @@ def read_password_file(path: Path) -> str:
     A file that others may read or write is used, with a warning: it should be private.
     """
     try:
-        data = path.read_bytes()
-        mode = path.stat().st_mode
+        with path.open("rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read()
     except OSError as exc:
         raise ConfigError(f"cannot read the SPICE password file {path}: "
                           f"{exc.strerror or exc}") from None
     if mode & 0o077:
-        log.warning("the SPICE password file %s is mode %04o: other users can read the password "
-                    "(chmod 600 %s)", path, mode & 0o7777, path)
+        log.warning("the SPICE password file %s is mode %04o: it should be private to its "
+                    "owner (chmod 600 %s)", path, mode & 0o7777, path)
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
@@ -533,7 +534,9 @@ class SpiceTransport:
         if error is None:
             log.info("%s: closed", self.name)
         else:
-            log.warning("%s", error)  # its owner says whether it retries (ERROR if not)
+            # A fatal one is worth a warning here; a transient one (a VM that is down) would
+            # repeat at every retry: its owner (vmc/runtime/spice_link.py) says it once.
+            (log.warning if error.fatal else log.info)("%s", error)
         try:
             self.handler.connection_lost(error)
         except Exception:

@@ -309,7 +309,6 @@ def test_two_readers_example(
         daemon.stop()
 
 
-
 def test_spicevmc_example_with_ccidemu_joining_the_spice_server(
     libvirtd: PrivateLibvirtd, guest_image: GuestImage, workdir: Path,
     request: pytest.FixtureRequest,
@@ -338,7 +337,7 @@ def test_spicevmc_example_with_ccidemu_joining_the_spice_server(
                 assert_qemu_is_libvirt_qemu(guest)
                 log = guest.domain_log()
                 assert re.search(r"-chardev spicevmc,id=charsmartcard0,name=smartcard", log), log
-                assert password not in log  # libvirt hands QEMU the password as a secret
+                assert password not in log  # libvirt sets it over QMP (docs/PROTOCOL.md)
                 out = guest.wait_card(timeout=60)
                 assert out.splitlines()[-1] == atr_text(PIV_ATR), out
                 assert guest.check("opensc-tool -n").splitlines()[-1] == PIV_NAME

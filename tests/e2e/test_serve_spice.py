@@ -99,6 +99,7 @@ def test_a_wrong_password_stops_only_that_endpoint(
         (vm,) = daemon.ctl_json("list")
         assert "password" in vm["waiting"].lower() and not vm["connected"], vm
         assert daemon.running()  # the daemon keeps going; only the endpoint gave up
-        assert daemon.log().count("refused the password") >= 2  # tried again in the grace
+        # Tried again within the grace (the link's own retry line), then given up.
+        assert "or expired); retrying in" in daemon.log()
     finally:
         daemon.stop()

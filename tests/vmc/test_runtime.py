@@ -437,6 +437,72 @@ def test_reload_touches_only_the_vms_that_changed(tmp: Path) -> None:
         d.stop()
 
 
+def test_reload_starts_again_a_file_vm_that_is_not_serving(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM of the file that was detached, or whose SPICE endpoint gave up, comes back at
+    reload although its settings did not change; a serving one is left alone."""
+    from tests.spice_fake import FakeSpiceServer, FakeSpiceSocketServer
+    from vmc.runtime import spice_link
+
+    monkeypatch.setattr(spice_link, "PASSWORD_GRACE", 0.3)
+    ctl = UnixAddress(tmp / "ctl.sock")
+    secret = tmp / "pw"
+    secret.write_text("right-pw\n")
+    secret.chmod(0o600)
+    fake_spice = FakeSpiceServer(password=b"old-pw")  # the VM's password is not ours yet
+    with FakeSpiceSocketServer(fake_spice) as srv:
+        config = write(tmp / "serve.toml", f"""\
+            [vm.stays]
+            listen = "unix:{tmp}/stays.sock"
+            cards = ["test:"]
+            [vm.detached]
+            listen = "unix:{tmp}/detached.sock"
+            cards = ["test:"]
+            [vm.spice]
+            spice = "127.0.0.1:{srv.port}"
+            spice_password_file = "pw"
+            """)
+        d = serve(config_file=config, cards=[], control=ctl)
+        try:
+            stays = FakeQemu.connect(UnixAddress(tmp / "stays.sock"))
+            stays.wait_card()
+
+            def spice_vm() -> dict[str, object]:
+                listing: list[dict[str, object]] = control_request(ctl, {"cmd": "list"})
+                return {str(v["vm"]): v for v in listing}["spice"]
+
+            deadline = time.monotonic() + 30
+            while not _gave_up(d, "spice"):  # refused, retried in the grace, then given up
+                assert time.monotonic() < deadline, spice_vm()
+                time.sleep(0.05)
+            assert len(srv.threads) >= 2 and "password" in str(spice_vm()["waiting"])
+            assert control_request(ctl, {"cmd": "detach", "vm": "detached"}) == {
+                "detached": "detached"}
+            fake_spice.password = b"right-pw"  # the VM's password fixed (virsh domsetpassword)
+            result = control_request(ctl, {"cmd": "reload"})
+            assert result == {"detached": ["spice"], "attached": ["detached", "spice"],
+                              "unchanged": ["stays"], "errors": []}
+            wait_for(lambda: bool(spice_vm()["connected"]), "the SPICE VM back")
+            with FakeQemu.connect(UnixAddress(tmp / "detached.sock")) as fake:
+                fake.wait_card()
+                echo(fake, b"back")
+            echo(stays, b"untouched")
+            assert not stays.closed
+            # Now every VM serves: a reload touches nothing.
+            assert control_request(ctl, {"cmd": "reload"}) == {
+                "detached": [], "attached": [], "errors": [],
+                "unchanged": ["detached", "spice", "stays"]}
+            stays.close()
+        finally:
+            d.stop()
+
+
+def _gave_up(d: RunningDaemon, name: str) -> bool:
+    vm = d.daemon.vms.get(name)
+    return vm is not None and vm.spice is not None and vm.spice.fatal is not None
+
+
 def test_sighup_reloads_the_real_daemon(tmp: Path) -> None:
     ctl = tmp / "ctl.sock"
     config = write(tmp / "serve.toml", f'[vm.a]\nlisten = "unix:{tmp}/a.sock"\n'

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import ipaddress
+import logging
 import ssl
 import struct
 import threading
@@ -412,27 +413,30 @@ def test_a_password_the_server_learns_late_is_retried_until_it_works(
 ) -> None:
     # libvirt starts QEMU without the SPICE password and sets it over QMP a moment later: in
     # that window the server refuses every password, the right one too.
+    caplog.set_level(logging.DEBUG)
     fake = FakeSpiceServer(password=b"not-set-yet")
     with FakeSpiceSocketServer(fake) as srv:
-        loop, link, sessions = _link(srv.port, "pw")
+        loop, link, sessions = _link(srv.port, "Late-Pw-7f3a")
         try:
             wait_for(lambda: link.last_error is not None and "password" in link.last_error,
                      what="a refused password")
             assert not sessions.made.is_set() and link.fatal is None
-            fake.password = b"pw"  # what libvirt's set_password does
+            fake.password = b"Late-Pw-7f3a"  # what libvirt's set_password does
             assert sessions.made.wait(30)
             assert link.fatal is None and link.last_error is None
         finally:
             loop.call_in_loop(link.close)
             loop.stop()
-    assert "not retrying" not in caplog.text and "pw" not in caplog.text.replace("pwd", "")
+    assert "or expired); retrying in" in caplog.text  # the link's retry, at INFO
+    assert "not retrying" not in caplog.text and "Late-Pw-7f3a" not in caplog.text
 
 
 def test_a_wrong_password_gives_up_after_the_grace(monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(spice_link, "PASSWORD_GRACE", 0.5)
     with FakeSpiceSocketServer(FakeSpiceServer(password=b"right")) as srv:
-        loop, link, sessions = _link(srv.port, "wrong-one")
+        loop, link, sessions = _link(srv.port, "Wrong-Pw-91c2")
         try:
             wait_for(lambda: link.fatal is not None, what="the endpoint to give up")
             assert "refused the password" in str(link.fatal)
@@ -444,4 +448,4 @@ def test_a_wrong_password_gives_up_after_the_grace(monkeypatch: pytest.MonkeyPat
         finally:
             loop.call_in_loop(link.close)
             loop.stop()
-    assert "not retrying" in caplog.text and "wrong-one" not in caplog.text
+    assert "not retrying" in caplog.text and "Wrong-Pw-91c2" not in caplog.text

@@ -196,8 +196,8 @@ class SpiceLink:
             return
         if error is not None and error.fatal:
             self.fatal = reason
-            log.error("%s: SPICE: %s; not retrying (fix it, then ctl detach/attach or reload)",
-                      self.label, reason)
+            log.error("%s: SPICE: %s; not retrying (fix it, then ctl reload for a VM of the "
+                      "config file, or restart ccidemu)", self.label, reason)
             return
         if self._reached:
             self.backoff.reset()
