@@ -16,49 +16,16 @@ import pytest
 
 from ccidemu.card import BuiltinTestCard
 from ccidemu.errors import ConfigError
+from tests.vpcd_peer import ScriptedVpcd
 from vmc.addr import TcpAddress, UnixAddress
 from vmc.vpcd import VpcdBridge
 
 
-class FakeVpcd:
-    """vpcd's side: listens, accepts the card, sends frames, reads answers."""
+class FakeVpcd(ScriptedVpcd):
+    """vpcd's side as Debian 12's vpcd writes it (length and payload apart), 10 s timeouts."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(10)
-        self.port = self.listener.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def accept(self) -> socket.socket:
-        conn, _ = self.listener.accept()
-        conn.settimeout(10)
-        self.conn = conn
-        return conn
-
-    def send(self, payload: bytes) -> None:
-        assert self.conn is not None
-        # like Debian 12's vpcd: length and payload in two writes
-        self.conn.sendall(len(payload).to_bytes(2, "big"))
-        self.conn.sendall(payload)
-
-    def recv_frame(self) -> bytes:
-        assert self.conn is not None
-        header = self._exactly(2)
-        return self._exactly(int.from_bytes(header, "big"))
-
-    def _exactly(self, n: int) -> bytes:
-        assert self.conn is not None
-        data = b""
-        while len(data) < n:
-            chunk = self.conn.recv(n - len(data))
-            assert chunk, "bridge closed the connection"
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
+        super().__init__(10, split_writes=True)
 
 
 class _ExplodingCard(BuiltinTestCard):

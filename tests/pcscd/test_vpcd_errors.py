@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import pytest
 from ccidemu.card import BuiltinTestCard
 from ccidemu.vpcd import GetAtr, NoCard, Reset, Transmit, VpcdCardSlot, encode_frame
 from tests.support import opensc_responses
+from tests.vpcd_peer import ScriptedVpcd
 from vmc.addr import TcpAddress
 from vmc.lab.pcscd import READER, PcscdHarness
 from vmc.vpcd import VpcdBridge
@@ -168,50 +168,6 @@ def test_card_errors_reach_clients_as_6f00_and_the_bridge_goes_on(
 
 
 # ----------------------------------------------------------------------------- scripted vpcd
-
-
-class ScriptedVpcd:
-    """vpcd's side on a real TCP socket: accepts the bridge, sends frames, reads answers."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(30)
-        self.port: int = self.listener.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def accept(self) -> None:
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(30)
-
-    def send(self, payload: bytes) -> None:
-        assert self.conn is not None
-        self.conn.sendall(len(payload).to_bytes(2, "big") + payload)
-
-    def ask(self, payload: bytes) -> bytes:
-        self.send(payload)
-        size = int.from_bytes(self._exactly(2), "big")
-        return self._exactly(size)
-
-    def _exactly(self, n: int) -> bytes:
-        assert self.conn is not None
-        data = b""
-        while len(data) < n:
-            chunk = self.conn.recv(n - len(data))
-            assert chunk, "the bridge closed the connection"
-            data += chunk
-        return data
-
-    def reset(self) -> None:
-        """Close with an RST (SO_LINGER on, 0 s)."""
-        assert self.conn is not None
-        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.conn.close()
-        self.conn = None
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
 
 
 @pytest.fixture

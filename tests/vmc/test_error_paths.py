@@ -54,6 +54,7 @@ from ccidemu.vsc import (
     make_version,
 )
 from tests.vmc.daemon_harness import RunningDaemon, echo, free_port, serve
+from tests.vpcd_peer import ScriptedVpcd
 from vmc.addr import TcpAddress, UnixAddress
 from vmc.control import ControlError, control_request
 from vmc.daemon import Daemon
@@ -351,40 +352,6 @@ def fill(fs: Path, leave_pages: int = 0) -> None:
     assert full.value.errno == errno.ENOSPC
     if leave_pages:
         spare.unlink()
-
-
-class ScriptedVpcd:
-    """vpcd's side of the bridge protocol on a real TCP socket, driven by the test."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(30)
-        self.port: int = self.listener.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def accept(self) -> None:
-        self.conn, _ = self.listener.accept()
-        self.conn.settimeout(30)
-
-    def ask(self, payload: bytes) -> bytes:
-        assert self.conn is not None
-        self.conn.sendall(len(payload).to_bytes(2, "big") + payload)
-        size = int.from_bytes(self._exactly(2), "big")
-        return self._exactly(size)
-
-    def _exactly(self, n: int) -> bytes:
-        assert self.conn is not None
-        data = b""
-        while len(data) < n:
-            chunk = self.conn.recv(n - len(data))
-            assert chunk, "the bridge closed the connection"
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
 
 
 # ============================================================================= 1. trace files
