@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
@@ -109,3 +111,27 @@ def private_parts(key: object) -> list[bytes]:
     if isinstance(key, ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey):
         return [key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())]
     raise TypeError(type(key).__name__)
+
+
+# --------------------------------------------------------------------------- waiting and logs
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: int, pattern: str) -> list[str]:
+    """The messages at ``level`` that match ``pattern`` entirely."""
+    return [r.getMessage() for r in list(caplog.records)
+            if r.levelno == level and re.fullmatch(pattern, r.getMessage())]
+
+
+def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing logged with a traceback, nothing reached the daemon loop's last-resort catch."""
+    bad = [r.getMessage() for r in list(caplog.records)
+           if r.exc_info or "unexpected error in the daemon loop" in r.getMessage()]
+    assert not bad, bad

@@ -14,15 +14,14 @@ import logging
 import re
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ccidemu.card import BuiltinTestCard
 from ccidemu.vpcd import GetAtr, NoCard, Reset, Transmit, VpcdCardSlot, encode_frame
-from tests.support import opensc_responses
+from tests.support import logged, no_traceback, opensc_responses, wait_for
 from tests.vpcd_peer import ScriptedVpcd
 from vmc.addr import TcpAddress
 from vmc.lab.pcscd import READER, PcscdHarness
@@ -35,22 +34,6 @@ TCP_CLOSE = 7  # linux/tcp_states.h, tcpi_state of struct tcp_info
 
 def here(function: str) -> str:
     return rf"\(at {re.escape(Path(__file__).name)}:\d+ in {function}\)"
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def logged(caplog: pytest.LogCaptureFixture, level: int, pattern: str) -> list[str]:
-    return [r.getMessage() for r in list(caplog.records)
-            if r.levelno == level and re.fullmatch(pattern, r.getMessage())]
-
-
-def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    assert not [r.getMessage() for r in caplog.records if r.exc_info]
 
 
 class Running:

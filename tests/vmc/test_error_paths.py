@@ -53,6 +53,7 @@ from ccidemu.vsc import (
     encode_vsc,
     make_version,
 )
+from tests.support import logged, no_traceback, wait_for
 from tests.vmc.daemon_harness import RunningDaemon, echo, free_port, serve
 from tests.vpcd_peer import ScriptedVpcd
 from vmc.addr import TcpAddress, UnixAddress
@@ -198,30 +199,10 @@ def _reset_cards() -> Iterator[None]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-def logged(caplog: pytest.LogCaptureFixture, level: int, pattern: str) -> list[str]:
-    """The messages at ``level`` that match ``pattern`` entirely."""
-    return [r.getMessage() for r in list(caplog.records)
-            if r.levelno == level and re.fullmatch(pattern, r.getMessage())]
-
-
 def wait_logged(caplog: pytest.LogCaptureFixture, level: int, pattern: str) -> None:
     wait_for(lambda: logged(caplog, level, pattern),
              f"log {logging.getLevelName(level)} {pattern!r}; got "
              f"{[r.getMessage() for r in list(caplog.records)][-10:]}")
-
-
-def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    """Nothing logged with a traceback, nothing reached the loop's last-resort catch-all."""
-    bad = [r.getMessage() for r in list(caplog.records)
-           if r.exc_info or "unexpected error in the daemon loop" in r.getMessage()]
-    assert not bad, bad
 
 
 def here(function: str) -> str:

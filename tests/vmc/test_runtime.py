@@ -12,13 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ccidemu.errors import ConfigError
 from ccidemu.vsc import VscCardRemove, VscReaderRemove
+from tests.support import wait_for
 from tests.vmc.daemon_harness import RunningDaemon, echo, serve
 from vmc.addr import UnixAddress
 from vmc.config import load_config_file
@@ -38,13 +38,6 @@ def pin(value: bytes) -> bytes:
 
 def change_pin(old: bytes, new: bytes) -> bytes:
     return H("0024008010") + old.ljust(8, b"\xff") + new.ljust(8, b"\xff")
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- config file
