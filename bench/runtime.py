@@ -8,7 +8,9 @@ Every figure is a ratio or a bound measured against a baseline in the same run:
    <= 2x without; rate with A >= 0.8x without.  A third figure is the machine's own share:
    B's p99 while a process that is not the daemon's does the same RSA work (cryptography's
    RSA-2048 decryptions, or key generations) in a loop, against B alone; on a 2-core
-   machine that work alone takes one core from B and the daemon, whoever does it.
+   machine that work alone takes one core from B and the daemon, whoever does it.  A fourth
+   is A's decrypt traffic without the decryptions: trivial SELECTs paced at the rate A
+   decrypted, which is what any busy neighbour costs B.
 2. ``scale``: N VMs (default 1000), one session each, M echo APDUs per session (default
    1000), every answer checked (a payload unique to session and index); the aggregate rate
    against a one-process echo server (a selector loop that answers every APDU with its
@@ -196,6 +198,26 @@ def _outside_loop(kind: str, ready: object, stop: object, done: object) -> None:
         done.value += 1  # type: ignore[attr-defined]
 
 
+def _paced_loop(path: Path, rate: float, ready: object, stop: object, done: object) -> None:
+    """VM A sending trivial SELECTs at ``rate`` a second: the traffic of its heavy loop
+    without the heavy work."""
+    client = Client(path)
+    client.transmit(SELECT)
+    ready.set()  # type: ignore[attr-defined]
+    interval = 1 / rate
+    due = time.perf_counter()
+    count = 0
+    while not stop.is_set():  # type: ignore[attr-defined]
+        client.transmit(SELECT)
+        count += 1
+        due += interval
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    done.value = count  # type: ignore[attr-defined]
+    client.close()
+
+
 def _light(path: Path, seconds: float) -> tuple[float, float, float]:
     client = Client(path)
     for _ in range(200):
@@ -227,6 +249,7 @@ def head_of_line(seconds: float, rounds: int) -> None:
         try:
             print(f"head of line: VM B SELECTs ({seconds:.0f} s rounds, best of {rounds} "
                   "alternating rounds), VM A heavy or idle")
+            decrypt_rate = 0.0
             for kind in ("decrypt", "generate"):
                 Runs = list[tuple[float, float, float]]
                 alone_runs: Runs = []
@@ -267,6 +290,31 @@ def head_of_line(seconds: float, rounds: int) -> None:
                 print(f"    the same RSA work outside the daemon: B p99 {outside[2]:7.1f} us, "
                       f"ratio {outside[2] / alone[2]:.2f}, rate ratio {outside[0] / alone[0]:.2f}"
                       f"; A in the daemon vs. outside: p99 {busy[2] / outside[2]:.2f}")
+                if kind == "decrypt":
+                    decrypt_rate = heavy_rate["daemon"]
+            if decrypt_rate:
+                # A's decrypt traffic without the decryptions: what a busy neighbour costs.
+                alone_runs, paced_runs = [], []
+                sent = 0.0
+                for _ in range(rounds):
+                    alone_runs.append(_light(b, seconds))
+                    ready, stop, done = ctx.Event(), ctx.Event(), ctx.Value("q", 0)
+                    paced = ctx.Process(target=_paced_loop,
+                                        args=(a, decrypt_rate, ready, stop, done))
+                    paced.start()
+                    if not ready.wait(60):
+                        paced.terminate()
+                        raise SystemExit("VM A (paced SELECTs) did not start")
+                    t0 = time.perf_counter()
+                    paced_runs.append(_light(b, seconds))
+                    elapsed = time.perf_counter() - t0
+                    stop.set()
+                    paced.join(60)
+                    sent = max(sent, done.value / elapsed)
+                alone, paced_best = _best(alone_runs), _best(paced_runs)
+                print(f"  A SELECTs paced at {decrypt_rate:.0f}/s (sent {sent:.0f}/s): B p99 "
+                      f"{paced_best[2]:7.1f} us; alone {alone[2]:7.1f} us; p99 ratio "
+                      f"{paced_best[2] / alone[2]:.2f}, rate ratio {paced_best[0] / alone[0]:.2f}")
         finally:
             proc.terminate()
             proc.wait(30)
