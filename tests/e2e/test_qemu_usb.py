@@ -102,7 +102,12 @@ def session(guest_image: GuestImage, e2e_dir: Path) -> Iterator[Session]:
             events = Path("/tmp/ccidemu-usb-session")
             python = (f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 exec {sys.executable} -m "
                       f"tests.e2e.usb_guest {events} {' '.join(steps)}")
-            guest.check(f"rm -f /host{events}; setsid chroot /host sh -c '{python}' "
+            # /host/tmp is the guest's own: a checkout under the host's /tmp is bound back.
+            checkout = ""
+            if REPO.is_relative_to("/tmp"):
+                checkout = (f"mkdir -p /host{REPO} && mount -o bind "
+                            f"/host-tmp/{REPO.relative_to('/tmp')} /host{REPO} && ")
+            guest.check(f"{checkout}rm -f /host{events}; setsid chroot /host sh -c '{python}' "
                         ">/tmp/usb.out 2>&1 </dev/null &")
             yield Session(guest, daemon, events, {})
         finally:

@@ -107,11 +107,13 @@ ln -s /run /var/run
 say() { echo "ccidemu-guest: $*"; }
 for m in MODULES; do insmod /modules/$m.ko || say "insmod $m failed"; done
 # The host's files, read-only, at /host (Guest(share_host=True)): a chroot there runs the
-# host's programs next to the guest's devices.
+# host's programs next to the guest's devices.  /host/tmp and /host/run are the guest's own
+# (writable); the host's /tmp stays visible at /host-tmp.
 if grep -qw ccidemu.host=1 /proc/cmdline; then
   for m in SHARE_MODULES; do insmod /modules/$m.ko || say "insmod $m failed"; done
   mkdir -p /host
   if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host; then
+    mkdir -p /host-tmp && mount -o bind /host/tmp /host-tmp
     mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys &&
       mount -o bind /dev /host/dev && mount -t tmpfs tmpfs /host/tmp &&
       mount -t tmpfs tmpfs /host/run || say "mounts under /host failed"
@@ -699,7 +701,8 @@ class Guest(SerialGuest):
     ``vsc_socket``, the others :attr:`vsc_sockets` (``vsc1.sock``, ... beside it).
     ``share_host``: give the guest the host's files read-only at ``/host`` (9p, with the
     guest's own ``/proc``, ``/sys``, ``/dev``, ``/tmp`` and ``/run`` mounted inside), so that
-    ``chroot /host`` runs the host's programs next to the guest's devices.
+    ``chroot /host`` runs the host's programs next to the guest's devices; the host's own
+    ``/tmp`` is at ``/host-tmp`` (bind a directory of it into ``/host/tmp`` to use it there).
     """
 
     def __init__(
