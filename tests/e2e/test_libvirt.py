@@ -295,7 +295,7 @@ def test_two_readers_example(
     daemon.start()
     try:
         with boot_libvirt_guest(libvirtd, guest_image, workdir, "ccidemu-two-readers",
-                                devices=devices, extra=extra) as guest:
+                                devices=devices, extra=extra, readers=2) as guest:
             assert_qemu_is_libvirt_qemu(guest)
             out = wait_cards(guest, 2)
             assert out.count(READER) == 2, out

@@ -165,7 +165,9 @@ def test_interactive_shell_through_a_terminal(guest_peers: None, workdir: Path) 
         # raw mode): Ctrl-C reaches sleep as SIGINT, the shell drops the rest of the line
         term.expect(rb"\r\nstarted\r\n", 60)
         term.type(b"\x03")
-        term.expect(rb"\^C.*ccidemu-guest# ", 60)
+        # The prompt again, long before sleep would end: the interrupt reached it.  (The
+        # kernel's "^C" echo is not always there: a clean CI run once got the prompt alone.)
+        term.expect(rb"ccidemu-guest# ", 60)
         term.type(b"exit 3\r")
         assert term.wait() == 3
         assert b"after=" not in term.buffer  # the list was interrupted with sleep

@@ -357,6 +357,8 @@ class LibvirtGuest(SerialGuest):
     elements added to ``<domain>`` (a ``<qemu:commandline>``) before ``virsh define``.
     ``workdir`` gets the guest's own copy of the kernel and initrd, its logs and the command
     channel's socket; it is made searchable for ``libvirt-qemu``, and its parents must be.
+    ``readers``: how many usb-ccid devices the guest waits for before it starts pcscd (which
+    sees no device plugged in later: the guest has no udevd).
     """
 
     qemu_log_label = "libvirt domain log"
@@ -371,8 +373,10 @@ class LibvirtGuest(SerialGuest):
         devices: Sequence[ET.Element] = (),
         extra: Sequence[ET.Element] = (),
         memory_mb: int = 512,
+        readers: int = 1,
     ) -> None:
         super().__init__(image, workdir, memory_mb=memory_mb)
+        self.readers = readers
         self.libvirtd = libvirtd
         self.name = name
         self.devices = tuple(devices)
@@ -394,7 +398,8 @@ class LibvirtGuest(SerialGuest):
         ET.SubElement(os_, "type", arch="x86_64", machine="q35").text = "hvm"
         ET.SubElement(os_, "kernel").text = str(self.kernel)
         ET.SubElement(os_, "initrd").text = str(self.initrd)
-        ET.SubElement(os_, "cmdline").text = "console=ttyS0 panic=-1 quiet"
+        ET.SubElement(os_, "cmdline").text = (
+            f"console=ttyS0 panic=-1 quiet ccidemu.readers={self.readers}")
         ET.SubElement(domain, "cpu", mode="maximum")
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             ET.SubElement(domain, event).text = "destroy"
@@ -537,9 +542,11 @@ def boot_libvirt_guest(
     *,
     devices: Sequence[ET.Element] = (),
     extra: Sequence[ET.Element] = (),
+    readers: int = 1,
 ) -> Iterator[LibvirtGuest]:
     """Start a :class:`LibvirtGuest` in ``workdir``; stop and undefine it after."""
-    guest = LibvirtGuest(libvirtd, image, workdir, name, devices=devices, extra=extra)
+    guest = LibvirtGuest(libvirtd, image, workdir, name, devices=devices, extra=extra,
+                         readers=readers)
     try:
         guest.start()
         yield guest
