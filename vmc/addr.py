@@ -37,6 +37,29 @@ class UnixAddress:
 Address = TcpAddress | UnixAddress
 
 
+def split_host_port(text: str, what: str, form: str, *, min_port: int) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host as ``[HOST]:PORT``) into (host, port); a ConfigError that
+    names ``what`` (the whole input) and the ``form`` expected otherwise."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ConfigError(f"{what}: write an IPv6 host as [HOST]:PORT")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ConfigError(f"{what} has no port: {form}")
+    if not host:
+        raise ConfigError(f"{what} has no host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{what}: port {port_text!r} is not a number") from None
+    if not min_port <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} is out of range")
+    return host, port
+
+
 def parse_address(text: str) -> Address:
     """Parse ``tcp:HOST:PORT`` or ``unix:PATH``; ConfigError with the reason otherwise."""
     scheme, sep, rest = text.partition(":")
@@ -48,23 +71,7 @@ def parse_address(text: str) -> Address:
         return UnixAddress(Path(rest))
     if scheme != "tcp":
         raise ConfigError(f"address {text!r}: unknown scheme {scheme!r} (use tcp: or unix:)")
-    if rest.startswith("["):
-        host, bracket, port_text = rest[1:].partition("]")
-        if not bracket or not port_text.startswith(":"):
-            raise ConfigError(f"address {text!r}: IPv6 host must be written [HOST]:PORT")
-        port_text = port_text[1:]
-    else:
-        host, colon, port_text = rest.rpartition(":")
-        if not colon:
-            raise ConfigError(f"address {text!r} has no port: tcp:HOST:PORT")
-    if not host:
-        raise ConfigError(f"address {text!r} has no host")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"address {text!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"address {text!r}: port {port} is out of range")
+    host, port = split_host_port(rest, f"address {text!r}", "tcp:HOST:PORT", min_port=0)
     return TcpAddress(host, port)
 
 

@@ -56,6 +56,7 @@ from ccidemu.spice import (
     SpiceSmartcardClient,
     VscData,
 )
+from vmc.addr import split_host_port
 from vmc.sockets import set_nodelay
 
 __all__ = [
@@ -132,24 +133,7 @@ class SpiceTarget:
 
 def parse_spice_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (IPv6 as ``[HOST]:PORT``) into (host, port); ConfigError otherwise."""
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise ConfigError(f"SPICE address {text!r}: write an IPv6 host as [HOST]:PORT")
-        port_text = rest[1:]
-    else:
-        host, colon, port_text = text.rpartition(":")
-        if not colon:
-            raise ConfigError(f"SPICE address {text!r} has no port: HOST:PORT")
-    if not host:
-        raise ConfigError(f"SPICE address {text!r} has no host")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"SPICE address {text!r}: port {port_text!r} is not a number") from None
-    if not 0 < port <= 65535:
-        raise ConfigError(f"SPICE address {text!r}: port {port} is out of range")
-    return host, port
+    return split_host_port(text, f"SPICE address {text!r}", "HOST:PORT", min_port=1)
 
 
 def read_password_file(path: Path) -> str:
