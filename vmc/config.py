@@ -31,7 +31,7 @@ from typing import Any
 from ccidemu.cards import CardOptions
 from ccidemu.errors import ConfigError
 from vmc.addr import Address, UnixAddress, parse_address
-from vmc.spice import SpiceTarget, parse_spice_address, read_password_file
+from vmc.spice import SPICE_OPTION_KEYS, SpiceTarget, parse_spice_address, read_password_file
 from vmc.touch import TouchSetting, parse_touch
 
 __all__ = [
@@ -55,9 +55,8 @@ _GLOBAL_KEYS = {"state_dir", "trace", "trace_secrets", "read_only", "allow_remot
 _VM_KEYS = {"listen", "connect", "spice", "cards", "state_dir", "read_only", "allow_remote",
             "touch",
             "socket_owner", "socket_group", "socket_mode", "usb_ccid_workaround",
-            "pcsc_exclusive", "pcsc_allow", "compare",
-            "spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
-_SPICE_KEYS = {"spice_tls_port", "spice_ca_file", "spice_host_subject", "spice_password_file"}
+            "pcsc_exclusive", "pcsc_allow", "compare", *SPICE_OPTION_KEYS}
+_SPICE_KEYS = set(SPICE_OPTION_KEYS)
 
 
 @dataclass(frozen=True)

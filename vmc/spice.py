@@ -61,6 +61,7 @@ from vmc.sockets import set_nodelay
 
 __all__ = [
     "ONE_READER_HELP",
+    "SPICE_OPTION_KEYS",
     "SpiceTarget",
     "SpiceTransport",
     "SpiceTransportHandler",
@@ -192,12 +193,15 @@ def add_spice_arguments(parser: argparse.ArgumentParser) -> None:
                        "when the server has disable-ticketing=on")
 
 
+#: The options (and config keys) that only a SPICE endpoint takes, besides ``spice`` itself.
+SPICE_OPTION_KEYS = ("spice_tls_port", "spice_ca_file", "spice_host_subject",
+                     "spice_password_file")
+
+
 def target_from_args(args: argparse.Namespace) -> SpiceTarget | None:
     """The :class:`SpiceTarget` of parsed ``--spice*`` options (None without ``--spice``)."""
     if args.spice is None:
-        others = ("spice_tls_port", "spice_ca_file", "spice_host_subject",
-                  "spice_password_file")
-        given = [name for name in others if getattr(args, name, None) is not None]
+        given = [name for name in SPICE_OPTION_KEYS if getattr(args, name, None) is not None]
         if given:
             raise ConfigError("--" + given[0].replace("_", "-") + " needs --spice HOST:PORT")
         return None
