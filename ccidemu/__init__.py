@@ -19,6 +19,7 @@ private pcscd, a QEMU guest) is in :mod:`vmc.lab`; the pytest fixtures in
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
@@ -73,15 +74,26 @@ if TYPE_CHECKING:
     from ccidemu.testcards import write_piv_card as write_piv_card
 
 
-def __getattr__(name: str) -> Any:
-    target = _EXPORTS.get(name)
-    if target is None:
-        raise AttributeError(f"module 'ccidemu' has no attribute {name!r}")
-    module_name, _, attribute = target.partition(":")
-    value = getattr(importlib.import_module(module_name), attribute)
-    globals()[name] = value
-    return value
+def lazy_exports(
+    package: str, namespace: MutableMapping[str, Any], exports: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """The module ``__getattr__`` and ``__dir__`` of ``package`` (this one, and :mod:`vmc.lab`):
+    ``exports`` maps a name to ``"module:attribute"``, imported on first access and then kept
+    in ``namespace`` (the package's globals)."""
+
+    def getattr_(name: str) -> Any:
+        target = exports.get(name)
+        if target is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module_name, _, attribute = target.partition(":")
+        value = getattr(importlib.import_module(module_name), attribute)
+        namespace[name] = value
+        return value
+
+    def dir_() -> list[str]:
+        return sorted({*namespace, *exports})
+
+    return getattr_, dir_
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -20,8 +20,9 @@ load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ccidemu import lazy_exports
 
 _EXPORTS = {
     "FakeQemu": "vmc.fakeqemu:FakeQemu",
@@ -58,15 +59,4 @@ if TYPE_CHECKING:
     from vmc.lab.vm import LabVm as LabVm
 
 
-def __getattr__(name: str) -> Any:
-    target = _EXPORTS.get(name)
-    if target is None:
-        raise AttributeError(f"module 'vmc.lab' has no attribute {name!r}")
-    module_name, _, attribute = target.partition(":")
-    value = getattr(importlib.import_module(module_name), attribute)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
