@@ -21,10 +21,8 @@ import os
 from collections.abc import Callable
 
 from cryptography import x509
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ccidemu.apdu import CommandApdu
 from ccidemu.card import Card
@@ -37,6 +35,7 @@ from ccidemu.cards.piv import (
     KeyRef,
     PinPolicy,
     TouchPolicy,
+    management_cipher,
 )
 from ccidemu.client import ApduError, CardSession, Transmit
 from ccidemu.errors import CardError, DecodeError
@@ -91,12 +90,6 @@ def _pad_reference(value: str | bytes) -> bytes:
     if not 1 <= len(raw) <= PIN_MAX_LENGTH:
         raise ValueError(f"a PIN or PUK has 1 to {PIN_MAX_LENGTH} bytes")
     return raw.ljust(PIN_MAX_LENGTH, b"\xff")
-
-
-def _management_cipher(algorithm: int, key: bytes) -> Cipher[modes.ECB]:
-    if algorithm in (Algorithm.TDES, Algorithm.TDES_DEFAULT):
-        return Cipher(TripleDES(key), modes.ECB())
-    return Cipher(algorithms.AES(key), modes.ECB())
 
 
 class PivClient:
@@ -205,7 +198,7 @@ class PivClient:
         block = _BLOCK_SIZES.get(algorithm)
         if block is None:
             raise ValueError(f"algorithm {algorithm:02X} is not a management key algorithm")
-        cipher = _management_cipher(algorithm, management_key)
+        cipher = management_cipher(algorithm, management_key)
         step1 = self.session.send(0x00, 0x87, algorithm, KeyRef.MANAGEMENT,
                                   ber_encode(0x7C, ber_encode(0x80, b"")))
         encrypted_witness = _template_field(step1, 0x80, "authenticate step 1")

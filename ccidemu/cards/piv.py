@@ -688,7 +688,8 @@ _HEAVY_INS = frozenset({0x87, 0x47, 0xFE, 0xF9})  # F9 ATTEST signs a certificat
 _WRITING_INS = frozenset({0x20, 0x24, 0x2C, 0xDB, 0xFF, 0xFA, 0xFB, 0xF6})
 
 
-def _block_cipher(algorithm: int, key: bytes) -> Cipher[modes.ECB]:
+def management_cipher(algorithm: int, key: bytes) -> Cipher[modes.ECB]:
+    """The block cipher of a management key (3DES or AES, SP 800-78-4 table 4), ECB."""
     if algorithm in (Algorithm.TDES, Algorithm.TDES_DEFAULT):
         return Cipher(TripleDES(key), modes.ECB())
     return Cipher(algorithms.AES(key), modes.ECB())
@@ -1189,7 +1190,7 @@ class PivCard:
             algorithm == Algorithm.TDES_DEFAULT and state.management_algorithm == Algorithm.TDES
         ):
             raise StatusWordError(SW.INCORRECT_P1P2, "management key algorithm mismatch")
-        cipher = _block_cipher(state.management_algorithm, state.management_key)
+        cipher = management_cipher(state.management_algorithm, state.management_key)
         block = 8 if state.management_algorithm == Algorithm.TDES else 16
 
         def encrypt(data: bytes) -> bytes:
